@@ -38,10 +38,13 @@ from torch import nn
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     """N x N Euclidean distances, exactly 0 on the diagonal, with a finite gradient there."""
     sq = x.pow(2).sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.t()).clamp_min(0.0)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * x @ x.t()
     eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-    # sqrt has an infinite derivative at 0: take it only off the diagonal.
-    return torch.where(eye, torch.zeros_like(d2), d2.masked_fill(eye, 1.0).sqrt())
+    # sqrt has an infinite derivative at 0, reached on the diagonal and between duplicate
+    # features (a P x K sampler repeats images of identities with fewer than K): the clamp
+    # gives those entries a zero gradient instead of NaN.
+    tiny = 1e-12
+    return torch.where(eye | (d2 <= tiny), torch.zeros_like(d2), d2.clamp_min(tiny).sqrt())
 
 
 def attention_matrix(x: torch.Tensor, gamma: float, scale_invariant: bool = True) -> torch.Tensor:

@@ -22,7 +22,10 @@ def resize_normalize(
 
 def normalize_array(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """H x W x 3 uint8 pixels -> 3 x H x W float tensor, (x/255 - mean) / std."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+    pixels = np.ascontiguousarray(pixels)
+    if not pixels.flags.writeable:  # e.g. np.asarray(PIL image); torch warns on read-only memory
+        pixels = pixels.copy()
+    x = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return x.sub_(m).div_(s)

@@ -7,6 +7,10 @@ state dict loads unchanged (its ``fc.*`` is dropped: the head replaces it).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,6 +114,29 @@ class ResNet50ReID(nn.Module):
             if own[k].shape != v.shape:
                 raise ValueError(f"shape mismatch for {k}: file has {tuple(v.shape)}, model {tuple(own[k].shape)}")
         self.load_state_dict(backbone, strict=False)
+
+    def load_imagenet_weights(self, path: str | os.PathLike) -> None:
+        """Load a torchvision ``resnet50`` state dict from a local file: safetensors or ``torch.save``.
+
+        ``torch.save`` files are read with ``weights_only=True``: tensors only, no arbitrary pickles.
+        Every problem is a ValueError whose message starts with the file name.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        try:
+            state = safetensors.torch.load_file(str(path))
+        except Exception:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"{path}: neither a safetensors nor a torch.save state dict file ({e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: does not hold a flat state dict (name -> tensor)")
+        try:
+            self.load_imagenet_state_dict(state)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def forward(self, x: torch.Tensor):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

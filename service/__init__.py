@@ -1,0 +1,1 @@
+"""FastAPI re-identification service: embed crops, keep a durable gallery, rank queries."""

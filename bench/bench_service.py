@@ -1,0 +1,253 @@
+"""End-to-end service benchmark (run by hand, not a test).
+
+1. /embed throughput with C concurrent clients sending single crops, against the raw model
+   throughput (same backend, batch = max batch size) measured in the same run: the ratio
+   says how much of the model's speed survives HTTP, decoding and micro-batching.
+2. /query latency (p50/p95) at gallery sizes 1k/10k/100k, the store filled directly with
+   random normalised vectors.
+
+    python bench/bench_service.py [--checkpoint F] [--clients 8] [--seconds 15] [--sizes 1000,10000,100000]
+
+Prints a markdown table. Absolute numbers depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.embedder import load_embedder  # noqa: E402
+from service.store import GalleryStore, NewEntry  # noqa: E402
+from tests.service_support import ServiceProcess, jpeg, make_checkpoint, person_crop  # noqa: E402
+
+
+def multipart(fields: dict[str, bytes], filename: str = "crop.jpg") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, data in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n"
+        )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def raw_throughput(checkpoint: Path, data_dir: Path, backend: str, batch: int, seconds: float) -> float:
+    embedder = load_embedder(checkpoint, device="cpu", backend=backend, data_dir=data_dir)
+    h, w = embedder.info.input_size
+    images = np.random.default_rng(0).normal(size=(batch, 3, h, w)).astype(np.float32)
+    embedder.embed(images)  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        embedder.embed(images)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def embed_throughput(port: int, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """Each client: its own keep-alive connection, one crop per request, back to back."""
+    body, content_type = multipart({"image": jpeg(person_crop(0))})
+    counts = [0] * clients
+    latencies: list[float] = []
+    stop = threading.Event()
+    start_barrier = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        start_barrier.wait()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            conn.request("POST", "/embed", body=body, headers={"Content-Type": content_type})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+            latencies.append(time.perf_counter() - t0)
+            counts[i] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start_barrier.wait()
+    time.sleep(1.0)  # warm-up
+    before, t0 = sum(counts), time.perf_counter()
+    time.sleep(seconds)
+    n, elapsed = sum(counts) - before, time.perf_counter() - t0
+    stop.set()
+    for t in threads:
+        t.join()
+    return n / elapsed, latencies
+
+
+def fill_store(data_dir: Path, fingerprint: str, dim: int, size: int, per_identity: int = 10) -> None:
+    store = GalleryStore(data_dir / "gallery.sqlite3")
+    rng = np.random.default_rng(size)
+    for first in range(0, size, per_identity):
+        vectors = rng.normal(size=(per_identity, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        store.add_entries(f"id{first // per_identity}", [NewEntry(v, first % 6) for v in vectors], fingerprint)
+    store.close()
+
+
+def hnsw_recall(dim: int, size: int, queries: int = 200, k: int = 10) -> tuple[float, float, float]:
+    """recall@k of HNSW against exact search, and ms per query of each, in-process.
+
+    Queries are noisy copies of gallery vectors (a re-identification query resembles some
+    gallery entries); the gallery itself is random, the hard case for a graph index."""
+    import faiss
+
+    from service.index import VectorIndex
+
+    faiss.omp_set_num_threads(1)  # as the service does
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(size, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    picks = rng.integers(0, size, queries)
+    q = vectors[picks] + rng.normal(scale=0.01, size=(queries, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    indexes = {}
+    for kind in ("flat", "hnsw"):
+        index = VectorIndex(dim, kind)
+        for first in range(0, size, 10_000):
+            chunk = np.arange(first, min(size, first + 10_000))
+            index.add(chunk, vectors[chunk], [f"id{i}" for i in chunk], [0] * len(chunk))
+        indexes[kind] = index
+    found, times = {}, {}
+    for kind, index in indexes.items():
+        t0 = time.perf_counter()
+        found[kind] = [{m.entry_id for m in index.search(x, k, by="entry")} for x in q]
+        times[kind] = (time.perf_counter() - t0) / queries * 1000
+    recall = np.mean([len(a & b) / k for a, b in zip(found["flat"], found["hnsw"])])
+    return float(recall), times["flat"], times["hnsw"]
+
+
+def query_latency(port: int, n: int, k: int = 10) -> dict[str, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    body, content_type = multipart({"image": jpeg(person_crop(1))})
+    conn.request("POST", "/embed", body=body, headers={"Content-Type": content_type})
+    import json
+
+    embedding_id = json.loads(conn.getresponse().read())["embeddings"][0]["embedding_id"]
+    results = {}
+    for label, path in (("get", f"/query?embedding_id={embedding_id}&k={k}"),
+                        ("get_filtered", f"/query?embedding_id={embedding_id}&k={k}&exclude_camera=0")):
+        times = []
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        results[f"{label}_p50"] = statistics.median(times) * 1000
+        results[f"{label}_p95"] = times[int(0.95 * (len(times) - 1))] * 1000
+    times = []
+    for i in range(n // 2 + 3):
+        t0 = time.perf_counter()
+        conn.request("POST", f"/query?k={k}", body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        response.read()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    results["post_p50"] = statistics.median(times) * 1000
+    results["post_p95"] = times[int(0.95 * (len(times) - 1))] * 1000
+    conn.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, help="default: an untrained HA-CNN")
+    parser.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--index", default="flat", choices=["flat", "hnsw"])
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--recall-sizes", default="10000,100000", help="HNSW recall vs exact ('' to skip)")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="reid-bench-"))
+    checkpoint = args.checkpoint or make_checkpoint(tmp / "hacnn.safetensors")
+    settings = dict(backend=args.backend, max_batch_size=args.max_batch_size, max_batch_wait_ms=args.max_batch_wait_ms,
+                    log_level="warning", index=args.index)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+          file=sys.stderr)
+
+    if not args.skip_throughput:
+        data = tmp / "throughput"
+        raw = raw_throughput(checkpoint, data, args.backend, args.max_batch_size, args.seconds)
+        raw1 = raw_throughput(checkpoint, data, args.backend, 1, args.seconds / 3)
+        with ServiceProcess(checkpoint, data, **settings) as service:
+            e2e, latencies = embed_throughput(service.port, args.clients, args.seconds)
+            import httpx
+
+            metrics = httpx.get(f"{service.url}/metrics").text
+        # Raw again after the HTTP run: the mean of before and after evens out drift in machine load.
+        raw = (raw + raw_throughput(checkpoint, data, args.backend, args.max_batch_size, args.seconds)) / 2
+        count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("reid_batch_size_count")))
+        total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("reid_batch_size_sum")))
+        latencies.sort()
+        print(f"\n| measure ({args.backend}, {os.cpu_count()} cores) | value |\n|---|---|")
+        print(f"| raw model, batch {args.max_batch_size} | {raw:.0f} img/s |")
+        print(f"| raw model, batch 1 | {raw1:.0f} img/s |")
+        print(f"| /embed, {args.clients} clients x 1 crop | {e2e:.0f} img/s |")
+        print(f"| ratio /embed : raw batch {args.max_batch_size} | {e2e / raw:.0%} |")
+        print(f"| mean batch size served | {total / count:.1f} |")
+        print(f"| /embed latency p50 / p95 | {statistics.median(latencies) * 1000:.1f} / "
+              f"{latencies[int(0.95 * (len(latencies) - 1))] * 1000:.1f} ms |")
+
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if sizes:
+        from models.checkpoint import read_checkpoint_info
+
+        info = read_checkpoint_info(checkpoint)
+        print(f"\n| gallery size ({args.index}) | GET /query p50 | p95 | GET, exclude_camera p50 | p95 |"
+              " POST /query (embed + search) p50 | p95 |\n|---|---|---|---|---|---|---|")
+        for size in sizes:
+            data = tmp / f"gallery-{size}"
+            data.mkdir()
+            if (tmp / "throughput" / "onnx").is_dir():
+                import shutil
+
+                shutil.copytree(tmp / "throughput" / "onnx", data / "onnx")
+            fill_store(data, info.fingerprint, info.embedding_dim, size, per_identity=max(10, size // 1000))
+            with ServiceProcess(checkpoint, data, **settings) as service:
+                r = query_latency(service.port, args.queries)
+            print(f"| {size:,} | {r['get_p50']:.1f} ms | {r['get_p95']:.1f} ms | {r['get_filtered_p50']:.1f} ms |"
+                  f" {r['get_filtered_p95']:.1f} ms | {r['post_p50']:.1f} ms | {r['post_p95']:.1f} ms |")
+
+
+    if args.recall_sizes:
+        from models.checkpoint import read_checkpoint_info
+
+        dim = read_checkpoint_info(checkpoint).embedding_dim
+        print("\n| gallery size | HNSW recall@10 vs exact | exact search | HNSW search |\n|---|---|---|---|")
+        for size in (int(s) for s in args.recall_sizes.split(",")):
+            recall, flat_ms, hnsw_ms = hnsw_recall(dim, size)
+            print(f"| {size:,} | {recall:.3f} | {flat_ms:.2f} ms | {hnsw_ms:.2f} ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Micro-batching: concurrent requests share forward passes on one worker thread.
+
+Each image is submitted on its own; the worker takes the first waiting image, then
+everything already queued, up to ``max_batch_size``. It waits for more (at most
+``max_wait_s``) only while requests have announced images that are still being decoded
+(``expecting``): a lone request never waits on the timer, and requests that arrive
+together share a forward pass. While a batch runs, new images queue up, so under load
+batches fill by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    image: np.ndarray  # 3 x H x W float32
+    future: Future
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+_STOP = object()
+
+
+class Batcher:
+    def __init__(
+        self,
+        embed: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        on_batch: Callable[[int, float, list[float]], None] | None = None,
+    ):
+        """``on_batch(size, inference_seconds, queue_waits)`` is called after every forward pass."""
+        self._embed = embed
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self._on_batch = on_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._expected = 0  # images announced by requests and not yet submitted
+        self._expected_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="reid-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, image: np.ndarray) -> Future:
+        future: Future = Future()
+        self._queue.put(_Item(image, future))
+        return future
+
+    def _adjust_expected(self, n: int) -> None:
+        with self._expected_lock:
+            self._expected += n
+
+    @contextmanager
+    def expecting(self, n: int) -> Iterator[dict]:
+        """Announce n images about to be submitted (decoding now) so the worker waits for them."""
+        announced = {"left": n}
+        self._adjust_expected(n)
+        try:
+            yield announced
+        finally:
+            self._adjust_expected(-announced["left"])
+
+    async def embed(self, images: list[np.ndarray], announced: dict | None = None) -> np.ndarray:
+        """Embed images (each 3 x H x W) without blocking the event loop: N x D."""
+        futures = [asyncio.wrap_future(self.submit(image)) for image in images]
+        if announced is not None:  # queued first, then un-announced: the worker never misses them
+            self._adjust_expected(-announced["left"])
+            announced["left"] = 0
+        rows = await asyncio.gather(*futures)
+        return np.stack(rows)
+
+    def embed_sync(self, images: list[np.ndarray]) -> np.ndarray:
+        """The same from a plain thread (CLI import, reembed)."""
+        futures = [self.submit(image) for image in images]
+        return np.stack([f.result() for f in futures])
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+    def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
+        batch, stop = [first], False
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                item = self._queue.get_nowait()  # whatever queued while the last batch ran
+            except queue.Empty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._expected <= 0:  # nobody is about to submit: run now
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _work(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch, stop = self._collect(first)
+            batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                vectors = self._embed(np.stack([item.image for item in batch]))
+            except Exception as e:  # the model failed: every waiting request learns it
+                log.exception("model forward pass failed")
+                for item in batch:
+                    item.future.set_exception(e)
+                continue
+            elapsed = time.perf_counter() - started
+            for item, vector in zip(batch, vectors):
+                item.future.set_result(vector)
+            if self._on_batch is not None:
+                self._on_batch(len(batch), elapsed, [started - item.submitted for item in batch])
+        # Anything still queued after stop is cancelled, not left hanging.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item.future.cancel()

@@ -1,0 +1,249 @@
+"""The command line: serve (default), import DIR, reembed. Errors: one line on stderr, exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from models import CheckpointError
+from service.embedder import StartupError
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")  # "0002_c1s1_000451_03.jpg": person 0002, camera 1
+SKIPPED_PIDS = {-1, 0}  # junk and distractors are not identities
+
+
+class CliError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    # SUPPRESS: an option given before the subcommand is not reset by the subcommand's parser.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--checkpoint", type=Path, help="serving checkpoint (env REID_CHECKPOINT)")
+    common.add_argument("--data-dir", type=Path, help="gallery store and caches (env REID_DATA_DIR, default ./data)")
+    common.add_argument("--device", choices=["auto", "cpu", "cuda"], help="env REID_DEVICE (default auto)")
+    common.add_argument("--backend", choices=["auto", "torch", "onnx"], help="env REID_BACKEND (default auto)")
+    common.add_argument("--log-level", help="env REID_LOG_LEVEL (default info)")
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service", parents=[common], argument_default=argparse.SUPPRESS,
+        description="Person re-identification service. Every option can also be set as a REID_* environment variable.",
+    )
+    parser.add_argument("--host", help="env REID_HOST (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="env REID_PORT (default 8000)")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", parents=[common], help="run the HTTP service (the default)")
+    imp = sub.add_parser("import", parents=[common], help="enrol a Market-1501-style folder of crops")
+    imp.add_argument("folder", type=Path, help="images named PPPP_cC...: identity PPPP, camera C")
+    imp.add_argument("--if-empty", action="store_true", default=False, help="do nothing when the gallery already has entries")
+    imp.add_argument("--max-identities", type=int, default=None, help="enrol only the first N identities")
+    sub.add_parser("reembed", parents=[common], help="re-embed stored crops made under another model")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names = ("checkpoint", "data_dir", "device", "backend", "log_level", "host", "port")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise CliError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates its CPU-feature probing
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    import torch
+
+    from models import load_checkpoint
+    from service.embedder import resolve_backend, resolve_device
+
+    if settings.checkpoint is None:
+        raise CliError("no checkpoint given: pass --checkpoint FILE or set REID_CHECKPOINT")
+    # Fail fast, before binding the port: the app loads the model again in the background.
+    load_checkpoint(settings.checkpoint)
+    resolve_backend(settings.backend, resolve_device(settings.device, torch.cuda.is_available()))
+    from service.app import create_app
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+
+
+# -- import -------------------------------------------------------------------------------
+
+
+def _market_files(folder: Path) -> tuple[dict[str, list[tuple[Path, int]]], int]:
+    """identity -> [(path, camera)], and how many files were skipped (junk, distractors, other names)."""
+    if not folder.is_dir():
+        raise CliError(f"{folder}: no such folder")
+    groups: dict[str, list[tuple[Path, int]]] = {}
+    skipped = 0
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        match = MARKET_NAME.match(path.name)
+        if not match or int(match.group(1)) in SKIPPED_PIDS:
+            skipped += 1
+            continue
+        identity = path.name.split("_", 1)[0]
+        groups.setdefault(identity, []).append((path, int(match.group(2))))
+    return groups, skipped
+
+
+def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identities: int | None) -> None:
+    from models.preprocess import resize_normalize
+    from service.batcher import Batcher
+    from service.errors import ClientError
+    from service.imaging import decode_image
+    from service.services import load_model, open_store
+    from service.store import NewEntry
+
+    groups, skipped = _market_files(folder)
+    if not groups:
+        raise CliError(f"{folder}: no images named like Market-1501 crops (PPPP_cC...jpg) with a person id > 0")
+    store = open_store(settings)
+    try:
+        if if_empty and (n := store.count_entries()):
+            print(f"gallery already has {n} entries: nothing imported (--if-empty)")
+            return
+        identities = sorted(groups)[:max_identities] if max_identities else sorted(groups)
+        embedder = load_model(settings)
+        info = embedder.info
+        batcher = Batcher(embedder.embed, max_batch_size=settings.max_batch_size, max_wait_s=0.005)
+        pending: deque[tuple[str, list[int], list[bytes | None], list[Future]]] = deque()
+        enrolled = bad = 0
+
+        def commit_oldest() -> None:
+            nonlocal enrolled
+            identity, cameras, crops, futures = pending.popleft()
+            entries = [NewEntry(f.result(), camera, crop) for f, camera, crop in zip(futures, cameras, crops)]
+            store.add_entries(identity, entries, info.fingerprint)  # one transaction per identity
+            enrolled += len(entries)
+
+        try:
+            for identity in tqdm(identities, desc="importing", unit="identity"):
+                cameras, crops, futures = [], [], []
+                for path, camera in groups[identity]:
+                    try:
+                        decoded = decode_image(
+                            path.read_bytes(), filename=str(path), input_size=info.input_size,
+                            max_pixels=settings.max_image_pixels, keep_crop=settings.store_crops,
+                        )
+                    except (ClientError, OSError) as e:
+                        tqdm.write(f"skipped {path}: {getattr(e, 'detail', e)}")
+                        bad += 1
+                        continue
+                    tensor = resize_normalize(decoded.image, info.input_size, info.mean, info.std).numpy()
+                    futures.append(batcher.submit(tensor))  # decoding the next ones overlaps the model
+                    cameras.append(camera)
+                    crops.append(decoded.crop_jpeg)
+                if futures:
+                    pending.append((identity, cameras, crops, futures))
+                while len(pending) > 2:
+                    commit_oldest()
+            while pending:
+                commit_oldest()
+        finally:
+            batcher.close()
+        print(
+            f"imported {enrolled} entries for {len(identities)} identities from {folder}"
+            f" ({skipped} files skipped by name, {bad} unreadable); restart a running service to search them"
+        )
+    finally:
+        store.close()
+
+
+# -- reembed ------------------------------------------------------------------------------
+
+
+def reembed(settings: Settings) -> int:
+    from models.preprocess import resize_normalize
+    from service.errors import ClientError
+    from service.imaging import decode_image
+    from service.services import load_model, open_store
+
+    store = open_store(settings)
+    try:
+        embedder = load_model(settings)
+        info = embedder.info
+        stale = sum(n for fp, n in store.counts_by_fingerprint().items() if fp != info.fingerprint)
+        if not stale:
+            print(f"all entries already use model {info.model_name}: nothing to re-embed")
+            return 0
+        done, impossible, after = 0, [], 0
+        with tqdm(total=stale, desc="re-embedding", unit="entry") as bar:
+            while rows := store.stale_entries(info.fingerprint, after_id=after, batch=settings.max_batch_size):
+                after = rows[-1][0]
+                ids, tensors = [], []
+                for entry_id, crop in rows:
+                    if crop is None:
+                        impossible.append(entry_id)
+                        continue
+                    try:
+                        image = decode_image(crop, filename=f"entry {entry_id}", input_size=info.input_size,
+                                             max_pixels=settings.max_image_pixels).image
+                    except ClientError:
+                        impossible.append(entry_id)
+                        continue
+                    ids.append(entry_id)
+                    tensors.append(resize_normalize(image, info.input_size, info.mean, info.std).numpy())
+                if tensors:
+                    import numpy as np
+
+                    vectors = embedder.embed(np.stack(tensors))
+                    store.update_vectors(list(zip(ids, vectors)), info.fingerprint)
+                    done += len(ids)
+                bar.update(len(rows))
+        print(f"re-embedded {done} entries with model {info.model_name}; restart a running service to search them")
+        if impossible:
+            shown = ", ".join(map(str, impossible[:10])) + (" ..." if len(impossible) > 10 else "")
+            print(
+                f"{len(impossible)} entries have no usable stored crop and cannot be re-embedded"
+                f" (entry ids {shown}); delete and re-enrol their identities",
+                file=sys.stderr,
+            )
+            return 2
+        return 0
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        _setup_logging(settings)
+        command = getattr(args, "command", None)
+        if command == "import":
+            import_folder(settings, args.folder, args.if_empty, args.max_identities)
+        elif command == "reembed":
+            return reembed(settings)
+        else:
+            serve(settings)
+    except (CliError, CheckpointError, StartupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,121 @@
+"""The model behind the service: one checkpoint, run by ONNX Runtime (CPU) or torch (CPU or CUDA).
+
+Every backend takes an N x 3 x H x W float32 array of normalised images and returns
+N x D float32 L2-normalised embeddings. Backends are not thread-safe by contract: the
+batcher calls them from its one worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import CheckpointInfo, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The service cannot start as configured; the message is one line for the operator."""
+
+
+def resolve_device(requested: str, cuda_available: bool) -> str:
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if requested == "cuda" and not cuda_available:
+        raise StartupError("device 'cuda' requested but no CUDA device is available (use --device cpu or auto)")
+    return requested
+
+
+def resolve_backend(requested: str, device: str) -> str:
+    if requested == "auto":
+        return "torch" if device == "cuda" else "onnx"
+    if requested == "onnx" and device == "cuda":
+        raise StartupError("backend 'onnx' runs on CPU only here; use backend torch (or auto) with device cuda")
+    return requested
+
+
+@dataclass
+class Embedder:
+    info: CheckpointInfo
+    backend: str
+    device: str
+    run: object  # callable: np.ndarray (N,3,H,W) float32 -> np.ndarray (N,D) float32
+
+    @property
+    def model_name(self) -> str:
+        return self.info.model_name
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        return self.run(images)
+
+
+def _torch_runner(model: torch.nn.Module, device: str):
+    half = device == "cuda"  # fp16 on GPU: tensor cores, half the memory traffic
+    if half:
+        model = model.half()
+    model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def run(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).to(device, non_blocking=True)
+        if half:
+            x = x.half()
+        return F.normalize(model(x).float(), dim=1).cpu().numpy()
+
+    return run
+
+
+def onnx_cache_path(data_dir: Path, info: CheckpointInfo) -> Path:
+    return Path(data_dir) / "onnx" / f"{info.arch}-{info.fingerprint}.onnx"
+
+
+def _onnx_runner(model: torch.nn.Module, info: CheckpointInfo, data_dir: Path, threads: int):
+    import onnxruntime as ort
+
+    from models.export import export_onnx
+
+    path = onnx_cache_path(data_dir, info)
+    if not path.is_file():
+        log.info("exporting %s to ONNX at %s (once per checkpoint)", info.model_name, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        export_onnx(model, tmp)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache file
+    else:
+        log.info("reusing ONNX export %s", path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(images: np.ndarray) -> np.ndarray:
+        (out,) = session.run(["embeddings"], {"images": np.ascontiguousarray(images, dtype=np.float32)})
+        return out.astype(np.float32, copy=False)
+
+    return run
+
+
+def load_embedder(
+    checkpoint: Path, *, device: str = "auto", backend: str = "auto", data_dir: Path = Path("data"), threads: int = 0
+) -> Embedder:
+    """Load the checkpoint and its backend. CheckpointError / StartupError carry a one-line reason."""
+    device = resolve_device(device, torch.cuda.is_available())
+    backend = resolve_backend(backend, device)
+    threads = threads or os.cpu_count() or 1
+    model, info = load_checkpoint(checkpoint, device="cpu")
+    if backend == "onnx":
+        run = _onnx_runner(model, info, data_dir, threads)
+    else:
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        run = _torch_runner(model, device)
+    log.info("model %s (%s, dim %d) on %s via %s", info.model_name, info.arch, info.embedding_dim, device, backend)
+    return Embedder(info=info, backend=backend, device=device, run=run)

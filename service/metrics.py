@@ -1,0 +1,38 @@
+"""Prometheus metrics, on a registry of the app's own (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+STAGES = ("decode", "preprocess", "queue_wait", "inference", "search")
+# Seconds: sub-millisecond stages (search on small galleries) up to slow CPU batches.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "reid_request_duration_seconds", "HTTP request latency by route template, method and status",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.stage_duration = Histogram(
+            "reid_stage_duration_seconds", "Seconds per image (decode, preprocess, queue_wait), per forward pass (inference) or per query (search)",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram("reid_batch_size", "Images per model forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.gallery_entries = Gauge("reid_gallery_entries", "Entries searchable under the current model", registry=r)
+        self.gallery_identities = Gauge("reid_gallery_identities", "Identities searchable under the current model", registry=r)
+        self.stale_entries = Gauge("reid_gallery_stale_entries", "Entries made by another model, excluded from search", registry=r)
+        self.errors = Counter("reid_errors", "Requests refused or failed, by kind", ["kind"], registry=r)
+        self.model_info = Info("reid_model", "The model being served", registry=r)
+        for stage in STAGES:  # export every series from the start, at zero
+            self.stage_duration.labels(stage)
+
+    def observe_batch(self, size: int, inference_s: float, queue_waits: list[float]) -> None:
+        self.batch_size.observe(size)
+        self.stage_duration.labels("inference").observe(inference_s)
+        for wait in queue_waits:
+            self.stage_duration.labels("queue_wait").observe(wait)

@@ -1,0 +1,72 @@
+"""Uploads -> embeddings: read (bounded), decode and preprocess (worker thread), batch-embed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from models.preprocess import resize_normalize
+from service.errors import ClientError
+from service.imaging import decode_image
+from service.services import Services
+
+CHUNK = 64 * 1024
+
+
+@dataclass
+class Upload:
+    filename: str
+    data: bytes
+
+
+async def read_uploads(files: list[UploadFile], max_bytes: int, max_images: int) -> list[Upload]:
+    """Read the files chunk by chunk, refusing (413) as soon as they pass max_bytes together."""
+    if not files:
+        raise ClientError(422, "no_image", "no 'image' file in the request")
+    if len(files) > max_images:
+        raise ClientError(413, "too_many_images", f"{len(files)} images in one request; at most {max_images}")
+    uploads, total = [], 0
+    for i, f in enumerate(files):
+        name = f.filename or f"image {i + 1}"
+        chunks = []
+        while chunk := await f.read(CHUNK):
+            total += len(chunk)
+            if total > max_bytes:
+                raise ClientError(413, "too_large", f"upload exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+        uploads.append(Upload(name, b"".join(chunks)))
+    return uploads
+
+
+def _prepare(services: Services, uploads: list[Upload], keep_crops: bool) -> tuple[list[np.ndarray], list[bytes | None]]:
+    info, settings, stage = services.embedder.info, services.settings, services.metrics.stage_duration
+    arrays, crops = [], []
+    for upload in uploads:
+        t0 = time.perf_counter()
+        decoded = decode_image(
+            upload.data, filename=upload.filename, input_size=info.input_size,
+            max_pixels=settings.max_image_pixels, keep_crop=keep_crops,
+        )
+        t1 = time.perf_counter()
+        arrays.append(resize_normalize(decoded.image, info.input_size, info.mean, info.std).numpy())
+        t2 = time.perf_counter()
+        stage.labels("decode").observe(t1 - t0)
+        stage.labels("preprocess").observe(t2 - t1)
+        crops.append(decoded.crop_jpeg)
+    return arrays, crops
+
+
+async def embed_uploads(
+    services: Services, files: list[UploadFile], keep_crops: bool = False
+) -> tuple[np.ndarray, list[bytes | None]]:
+    """Every image decoded before any is embedded: one bad image fails the whole request."""
+    settings = services.settings
+    uploads = await read_uploads(files, settings.max_upload_bytes, settings.max_images_per_request)
+    with services.batcher.expecting(len(uploads)) as announced:
+        arrays, crops = await run_in_threadpool(_prepare, services, uploads, keep_crops)
+        vectors = await services.batcher.embed(arrays, announced)
+    return vectors, crops

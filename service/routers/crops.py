@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+
+from service.deps import get_services
+from service.errors import not_found
+from service.schemas import Error
+from service.services import Services
+
+router = APIRouter(tags=["gallery"])
+
+
+@router.get(
+    "/crops/{entry_id}", response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": Error}},
+)
+def crop(entry_id: int, services: Annotated[Services, Depends(get_services)]) -> Response:
+    """The crop stored with a gallery entry (JPEG)."""
+    data = services.gallery.store.crop(entry_id)
+    if data is None:
+        raise not_found("unknown_crop", f"no stored crop for entry {entry_id}")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400, immutable"})

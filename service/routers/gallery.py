@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import get_services, require_api_key
+from service.errors import not_found
+from service.pipeline import embed_uploads
+from service.schemas import (
+    EnrollResponse, Entry, Error, GalleryPage, IdentityDetail, IdentitySummary, validate_identity,
+)
+from service.services import Services
+from service.store import EntryRow
+
+router = APIRouter(prefix="/gallery", tags=["gallery"])
+
+
+def _entry(row: EntryRow) -> Entry:
+    return Entry(
+        entry_id=row.entry_id, camera=row.camera, has_crop=row.has_crop, model_fingerprint=row.model_fingerprint,
+        created_at=dt.datetime.fromtimestamp(row.created_at, dt.timezone.utc),
+    )
+
+
+@router.post(
+    "", status_code=201, response_model=EnrollResponse, dependencies=[Depends(require_api_key)],
+    responses={401: {"model": Error}, 413: {"model": Error}, 415: {"model": Error}, 422: {"model": Error}},
+)
+async def enroll(
+    identity: Annotated[str, Form(description="1-128 printable characters, no '/'")],
+    image: Annotated[list[UploadFile], File(description="one or more crops of this person")],
+    services: Annotated[Services, Depends(get_services)],
+    camera: Annotated[int | None, Form(ge=0, description="camera number")] = None,
+) -> EnrollResponse:
+    """Enrol crops under an identity (created if new). All images are embedded before anything is
+    written, and all entries are committed in one transaction: 201 means durably stored."""
+    identity = validate_identity(identity)
+    vectors, crops = await embed_uploads(services, image, keep_crops=services.settings.store_crops)
+    rows = await run_in_threadpool(services.gallery.enroll, identity, vectors, crops, camera)
+    services.refresh_gauges()
+    return EnrollResponse(identity=identity, entries=[_entry(r) for r in rows], gallery_size=services.gallery.size)
+
+
+@router.get("", response_model=GalleryPage)
+def list_identities(
+    services: Annotated[Services, Depends(get_services)],
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> GalleryPage:
+    store = services.gallery.store
+    rows = store.list_identities(offset, limit)
+    return GalleryPage(
+        identities=[IdentitySummary(identity=name, entries=n) for name, n in rows],
+        total=store.count_identities(), offset=offset, limit=limit,
+        gallery_size=services.gallery.size, stale_entries=services.gallery.stale_entries,
+    )
+
+
+@router.get("/{identity}", response_model=IdentityDetail, responses={404: {"model": Error}})
+def get_identity(identity: str, services: Annotated[Services, Depends(get_services)]) -> IdentityDetail:
+    rows = services.gallery.store.identity_entries(identity)
+    if rows is None:
+        raise not_found("unknown_identity", f"unknown identity {identity!r}")
+    return IdentityDetail(identity=identity, entries=[_entry(r) for r in rows])
+
+
+@router.delete(
+    "/{identity}", status_code=204, dependencies=[Depends(require_api_key)],
+    responses={401: {"model": Error}, 404: {"model": Error}},
+)
+def delete_identity(identity: str, services: Annotated[Services, Depends(get_services)]) -> Response:
+    if not services.gallery.delete(identity):
+        raise not_found("unknown_identity", f"unknown identity {identity!r}")
+    services.refresh_gauges()
+    return Response(status_code=204)

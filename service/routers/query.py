@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Query, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import get_services
+from service.errors import bad_request, not_found
+from service.pipeline import embed_uploads
+from service.schemas import Error, MatchItem, QueryResponse
+from service.services import Services
+
+router = APIRouter(prefix="/query", tags=["query"])
+
+
+class QueryParams:
+    def __init__(
+        self,
+        k: Annotated[int, Query(description="how many matches (1..max_k)")] = 10,
+        by: Annotated[Literal["identity", "entry"], Query(description="identity: best entry per identity")] = "identity",
+        camera: Annotated[int | None, Query(description="only entries from this camera")] = None,
+        exclude_camera: Annotated[int | None, Query(description="drop entries from this camera")] = None,
+    ):
+        self.k, self.by, self.camera, self.exclude_camera = k, by, camera, exclude_camera
+
+
+async def _search(services: Services, vector: np.ndarray, params: QueryParams) -> QueryResponse:
+    if not 1 <= params.k <= services.settings.max_k:
+        raise bad_request("bad_k", f"k must be between 1 and {services.settings.max_k}, got {params.k}")
+    started = time.perf_counter()
+    matches = await run_in_threadpool(
+        services.gallery.search, vector, params.k, by=params.by, camera=params.camera,
+        exclude_camera=params.exclude_camera,
+    )
+    services.metrics.stage_duration.labels("search").observe(time.perf_counter() - started)
+    return QueryResponse(
+        matches=[MatchItem(identity=m.identity, score=m.score, entry_id=m.entry_id, camera=m.camera) for m in matches],
+        gallery_size=services.gallery.size,
+    )
+
+
+@router.get("", response_model=QueryResponse, responses={404: {"model": Error}, 422: {"model": Error}})
+async def query_by_id(
+    embedding_id: Annotated[str, Query(description="an id from POST /embed")],
+    params: Annotated[QueryParams, Depends()],
+    services: Annotated[Services, Depends(get_services)],
+) -> QueryResponse:
+    """Rank the gallery against an embedding from POST /embed, best first."""
+    vector = services.cache.get(embedding_id)
+    if vector is None:
+        raise not_found("unknown_embedding", f"unknown or expired embedding_id {embedding_id!r}")
+    return await _search(services, vector, params)
+
+
+@router.post("", response_model=QueryResponse, responses={413: {"model": Error}, 415: {"model": Error}})
+async def query_by_image(
+    image: Annotated[UploadFile, File(description="the crop to look up")],
+    params: Annotated[QueryParams, Depends()],
+    services: Annotated[Services, Depends(get_services)],
+) -> QueryResponse:
+    """Embed a crop and rank the gallery against it in one round trip."""
+    if not 1 <= params.k <= services.settings.max_k:  # before spending a forward pass
+        raise bad_request("bad_k", f"k must be between 1 and {services.settings.max_k}, got {params.k}")
+    vectors, _ = await embed_uploads(services, [image])
+    return await _search(services, vectors[0], params)

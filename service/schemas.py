@@ -1,0 +1,103 @@
+"""Request validation and the typed response bodies (/docs shows them as the API reference)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from service.errors import bad_request
+
+IDENTITY_MAX_CHARS = 128
+
+
+def validate_identity(raw: str) -> str:
+    """An identity is 1-128 printable characters without '/', surrounding spaces trimmed."""
+    identity = raw.strip()
+    if not identity:
+        raise bad_request("bad_identity", "identity is empty")
+    if len(identity) > IDENTITY_MAX_CHARS:
+        raise bad_request("bad_identity", f"identity is {len(identity)} characters; at most {IDENTITY_MAX_CHARS}")
+    if not identity.isprintable():
+        raise bad_request("bad_identity", "identity contains non-printable characters")
+    if "/" in identity:
+        raise bad_request("bad_identity", "identity must not contain '/'")
+    return identity
+
+
+class Error(BaseModel):
+    detail: str
+
+
+class EmbeddingItem(BaseModel):
+    embedding_id: str = Field(description="use with GET /query until it expires")
+    vector: list[float] = Field(description="L2-normalised embedding")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    embeddings: list[EmbeddingItem]
+
+
+class Entry(BaseModel):
+    entry_id: int
+    camera: int | None
+    created_at: dt.datetime
+    has_crop: bool
+    model_fingerprint: str
+
+
+class EnrollResponse(BaseModel):
+    identity: str
+    entries: list[Entry]
+    gallery_size: int = Field(description="searchable entries after this enrollment")
+
+
+class IdentitySummary(BaseModel):
+    identity: str
+    entries: int
+
+
+class GalleryPage(BaseModel):
+    identities: list[IdentitySummary]
+    total: int = Field(description="identities in the gallery")
+    offset: int
+    limit: int
+    gallery_size: int = Field(description="searchable entries (current model)")
+    stale_entries: int = Field(description="entries made by another model, excluded until `service reembed`")
+
+
+class IdentityDetail(BaseModel):
+    identity: str
+    entries: list[Entry]
+
+
+class MatchItem(BaseModel):
+    identity: str
+    score: float = Field(description="cosine similarity, in [-1, 1]")
+    entry_id: int
+    camera: int | None
+
+
+class QueryResponse(BaseModel):
+    matches: list[MatchItem]
+    gallery_size: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "starting", "failed"]
+    detail: str | None = None
+    model: str | None = None
+    arch: str | None = None
+    fingerprint: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    gallery_size: int | None = None
+    identities: int | None = None
+    stale_entries: int | None = None

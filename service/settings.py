@@ -1,0 +1,45 @@
+"""Service settings: command-line options and REID_* environment variables, one definition."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REID_", extra="ignore")
+
+    checkpoint: Path | None = Field(None, description="serving checkpoint (.safetensors)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    data_dir: Path = Field(Path("./data"), description="gallery store, ONNX cache")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    backend: Literal["auto", "torch", "onnx"] = Field("auto", description="auto: onnx on CPU, torch on CUDA")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="most images per forward pass")
+    max_batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="longest a batch waits for images other requests are still decoding"
+    )
+    max_upload_bytes: int = Field(10 * MiB, ge=1, description="most image bytes in one request (413 beyond)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest width x height decoded")
+    max_images_per_request: int = Field(64, ge=1, description="most image files in one request")
+    embedding_cache_size: int = Field(10_000, ge=1, description="embeddings kept for GET /query")
+    embedding_cache_ttl_s: float = Field(600.0, gt=0, description="how long an /embed id stays valid")
+    api_key: str | None = Field(None, description="when set, X-API-Key needed on POST/DELETE /gallery")
+    store_crops: bool = Field(True, description="keep enrolled crops (for GET /crops and reembed)")
+    index: Literal["flat", "hnsw"] = Field("flat", description="flat: exact; hnsw: approximate")
+    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree")
+    hnsw_ef_search: int = Field(128, ge=8, description="HNSW search breadth")
+    max_k: int = Field(1000, ge=1, description="largest k a query may ask for")
+    threads: int = Field(0, ge=0, description="model threads on CPU (0: one per core)")
+    search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads per search")
+    log_level: str = Field("info", description="debug, info, warning, error")
+
+    @property
+    def model_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1

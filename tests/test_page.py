@@ -1,0 +1,243 @@
+"""The page at "/", driven in a real headless Chromium against a real `python -m service`.
+
+Uses Debian's chromium and chromedriver (scripts/test.sh installs them) so that nothing
+is downloaded; selenium is pointed at both binaries explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from models import build_model
+from models.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+WAIT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def person_crop(path: Path, seed: int) -> Path:
+    """A 128x64 crop with its own colours and texture, standing in for a person."""
+    rng = np.random.default_rng(seed)
+    top, bottom = rng.integers(0, 256, size=(2, 3))
+    pixels = np.empty((128, 64, 3), dtype=np.float32)
+    pixels[:64] = top
+    pixels[64:] = bottom
+    pixels += rng.normal(0, 25, size=pixels.shape)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=92)
+    return path
+
+
+@contextlib.contextmanager
+def running_service(tmp: Path, **settings: str):
+    """`python -m service` on a free port with an untrained HA-CNN; yields its URL."""
+    checkpoint = tmp / "hacnn.safetensors"
+    save_checkpoint(build_model("hacnn").eval(), checkpoint)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
+    env.update(settings)
+    port = free_port()
+    log = tmp / "service.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--checkpoint", str(checkpoint),
+             "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp / "data")],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"service exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"service not ready:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def service_url(tmp_path_factory):
+    with running_service(tmp_path_factory.mktemp("page-service")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1280,1100",
+                 # a synthetic camera, granted without a prompt, for the camera capture test
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver, condition, message: str):
+    return WebDriverWait(driver, WAIT_S).until(condition, message)
+
+
+def enroll(driver, identity: str, crops: list[Path]) -> None:
+    field = driver.find_element(By.ID, "enroll-identity")
+    field.clear()
+    field.send_keys(identity)
+    driver.find_element(By.ID, "enroll-files").send_keys("\n".join(str(p) for p in crops))
+    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#enroll-pending img")) == len(crops),
+             "selected crops not previewed")
+    driver.find_element(By.ID, "enroll-submit").click()
+    wait_for(driver, expected_conditions.text_to_be_present_in_element(
+        (By.ID, "enroll-message"), f"enrolled {len(crops)} crop(s) as {identity}"),
+        f"enrolling {identity} not confirmed: {driver.find_element(By.ID, 'enroll-error').text}")
+
+
+def identity_counts(driver) -> dict[str, str]:
+    """{identity: crop count} as listed; read in one script call, as the list re-renders."""
+    return driver.execute_script("""
+        const rows = document.querySelectorAll("#identity-rows tr.identity-row");
+        return Object.fromEntries([...rows].map((r) => [r.dataset.identity, r.querySelector("td.count").textContent]));
+    """)
+
+
+def query(driver, crop: Path) -> None:
+    driver.find_element(By.ID, "query-file").send_keys(str(crop))
+    driver.find_element(By.ID, "query-submit").click()
+
+
+def test_enroll_two_identities_then_query_ranks_the_right_one_first(browser, service_url, tmp_path):
+    alice = [person_crop(tmp_path / f"alice{i}.jpg", seed=10 + i) for i in range(2)]
+    bob = [person_crop(tmp_path / f"bob{i}.jpg", seed=20 + i) for i in range(3)]
+
+    browser.get(service_url + "/")
+    wait_for(browser, expected_conditions.text_to_be_present_in_element((By.ID, "service-status"), "ready"),
+             "page never saw the service ready")
+    enroll(browser, "alice", alice)
+    enroll(browser, "bob", bob)
+    wait_for(browser, lambda d: identity_counts(d) == {"alice": "2", "bob": "3"},
+             "identity list does not show both identities with their crop counts")
+
+    query(browser, bob[1])
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results li.match"), "no ranked matches shown")
+    matches = browser.find_elements(By.CSS_SELECTOR, "#results li.match")
+    assert [m.find_element(By.CSS_SELECTOR, ".identity").text for m in matches] == ["bob", "alice"]
+    # The exact crop is in the gallery, so the best score is a cosine of 1.
+    assert matches[0].find_element(By.CSS_SELECTOR, ".score").text.startswith("1.000")
+    top_crop = matches[0].find_element(By.TAG_NAME, "img")
+    assert "/crops/" in top_crop.get_attribute("src")
+    wait_for(browser, lambda d: d.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth > 0", top_crop),
+        "the best match's gallery crop did not load")
+
+
+def test_upload_of_a_non_image_shows_the_services_message(browser, service_url, tmp_path):
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("this is text, not a JPEG")
+    expected = httpx.post(f"{service_url}/query", files={"image": (not_an_image.name, not_an_image.read_bytes())}, timeout=30)
+    assert expected.status_code in (400, 413, 415, 422)
+    detail = expected.json()["detail"]
+
+    browser.get(service_url + "/")
+    query(browser, not_an_image)
+    error = wait_for(browser, expected_conditions.visibility_of_element_located((By.ID, "query-error")),
+                     "no error shown for a non-image upload")
+    assert detail in error.text
+    assert str(expected.status_code) in error.text
+
+
+def test_delete_button_removes_the_identity(browser, service_url, tmp_path):
+    crops = [person_crop(tmp_path / "carol.jpg", seed=30)]
+    browser.get(service_url + "/")
+    enroll(browser, "carol", crops)
+    wait_for(browser, lambda d: "carol" in identity_counts(d), "carol not listed after enrolling")
+
+    row = browser.find_element(By.CSS_SELECTOR, '#identity-rows tr[data-identity="carol"]')
+    row.find_element(By.CSS_SELECTOR, "button.danger").click()
+    wait_for(browser, expected_conditions.alert_is_present(), "no confirmation asked before deleting")
+    browser.switch_to.alert.accept()
+    wait_for(browser, lambda d: "carol" not in identity_counts(d), "carol still listed after delete")
+    assert httpx.get(f"{service_url}/gallery/carol", timeout=10).status_code == 404
+
+
+def test_api_key_field_unlocks_a_protected_gallery(browser, tmp_path):
+    crops = [person_crop(tmp_path / "dave.jpg", seed=40)]
+    with running_service(tmp_path, REID_API_KEY="s3cret-key") as url:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "enroll-identity").send_keys("dave")
+        browser.find_element(By.ID, "enroll-files").send_keys(str(crops[0]))
+        browser.find_element(By.ID, "enroll-submit").click()
+        error = wait_for(browser, expected_conditions.visibility_of_element_located((By.ID, "enroll-error")),
+                         "no error shown when enrolling without the API key")
+        assert "401" in error.text or "403" in error.text
+
+        browser.find_element(By.ID, "api-key").send_keys("s3cret-key")
+        browser.find_element(By.ID, "enroll-submit").click()
+        wait_for(browser, expected_conditions.text_to_be_present_in_element(
+            (By.ID, "enroll-message"), "enrolled 1 crop(s) as dave"), "enrolling with the API key failed")
+        assert httpx.get(f"{url}/gallery/dave", timeout=10).status_code == 200
+
+
+def test_page_loads_nothing_from_outside_the_service(browser, service_url):
+    browser.get(service_url + "/")
+    wait_for(browser, expected_conditions.text_to_be_present_in_element((By.ID, "service-status"), "ready"),
+             "page never saw the service ready")
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+    assert any(url.endswith("/static/app.js") for url in loaded)
+    assert any(url.endswith("/static/style.css") for url in loaded)
+    assert [url for url in loaded if not url.startswith(service_url + "/")] == []
+
+
+def test_camera_capture_enrolls_frames(browser, service_url):
+    browser.get(service_url + "/")
+    browser.find_element(By.ID, "enroll-identity").send_keys("erin")
+    browser.find_element(By.ID, "enroll-camera-button").click()
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('camera-video').videoWidth > 0"),
+             f"camera never started: {browser.find_element(By.ID, 'camera-error').text}")
+    for shots in (1, 2):
+        browser.find_element(By.ID, "camera-capture").click()
+        wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#enroll-pending img")) == shots,
+                 "captured frame not added to the crops to enroll")
+    browser.find_element(By.ID, "camera-close").click()
+    browser.find_element(By.ID, "enroll-submit").click()
+    wait_for(browser, expected_conditions.text_to_be_present_in_element(
+        (By.ID, "enroll-message"), "enrolled 2 crop(s) as erin"), "camera frames were not enrolled")

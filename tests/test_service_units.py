@@ -1,0 +1,246 @@
+"""Service building blocks in-process: device choice, decoding guards, cache, index, store,
+batcher, and ONNX Runtime agreeing with torch."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import load_checkpoint
+from models.preprocess import resize_normalize
+from service.batcher import Batcher
+from service.cache import EmbeddingCache
+from service.embedder import StartupError, load_embedder, resolve_backend, resolve_device
+from service.errors import ClientError
+from service.imaging import decode_image
+from service.index import VectorIndex
+from service.schemas import validate_identity
+from service.store import GalleryStore, NewEntry
+from tests.service_support import jpeg, make_checkpoint, person_crop, png
+
+
+def unit(rng, n, d=8):
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+# -- device and backend ------------------------------------------------------------------
+
+
+def test_device_auto_picks_cuda_only_when_present():
+    assert resolve_device("auto", cuda_available=True) == "cuda"
+    assert resolve_device("auto", cuda_available=False) == "cpu"
+    assert resolve_device("cpu", cuda_available=True) == "cpu"
+
+
+def test_cuda_requested_without_gpu_is_a_startup_error():
+    with pytest.raises(StartupError, match="no CUDA device"):
+        resolve_device("cuda", cuda_available=False)
+
+
+def test_backend_auto_is_onnx_on_cpu_and_torch_on_cuda():
+    assert resolve_backend("auto", "cpu") == "onnx"
+    assert resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(StartupError, match="onnx"):
+        resolve_backend("onnx", "cuda")
+
+
+def test_onnx_and_torch_backends_agree(tmp_path, trained_like):
+    from models import save_checkpoint
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_checkpoint(trained_like("hacnn", seed=3), checkpoint)
+    onnx = load_embedder(checkpoint, device="cpu", backend="onnx", data_dir=tmp_path)
+    eager = load_embedder(checkpoint, device="cpu", backend="torch", data_dir=tmp_path)
+    info = onnx.info
+    batch = np.stack([
+        resize_normalize(person_crop(i, v), info.input_size, info.mean, info.std).numpy() for i in range(4) for v in range(2)
+    ])
+    a, b = onnx.embed(batch), eager.embed(batch)
+    assert a.shape == (8, info.embedding_dim)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert np.abs(a - b).max() < 1e-4
+    # The export is cached under the data dir, keyed by fingerprint, and reused.
+    cached = list((tmp_path / "onnx").glob(f"*{info.fingerprint}*.onnx"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    load_embedder(checkpoint, device="cpu", backend="onnx", data_dir=tmp_path)
+    assert cached[0].stat().st_mtime_ns == mtime
+
+
+# -- decoding -----------------------------------------------------------------------------
+
+INPUT = (160, 64)
+
+
+def test_decode_rejects_empty_and_non_images():
+    with pytest.raises(ClientError) as e:
+        decode_image(b"", filename="a.jpg", input_size=INPUT, max_pixels=10**6)
+    assert e.value.status == 422 and "empty" in e.value.detail
+    with pytest.raises(ClientError) as e:
+        decode_image(b"%PDF-1.4 not a picture", filename="doc.pdf", input_size=INPUT, max_pixels=10**6)
+    assert e.value.status == 415 and "doc.pdf" in e.value.detail and "not an image" in e.value.detail
+
+
+def test_decode_rejects_truncated_image():
+    data = jpeg(person_crop(0))
+    with pytest.raises(ClientError) as e:
+        decode_image(data[: len(data) // 3], filename="cut.jpg", input_size=INPUT, max_pixels=10**6)
+    assert e.value.status == 415
+
+
+def test_decode_checks_pixels_from_the_header():
+    big = png(Image.new("RGB", (2000, 1000)))  # small file, 2 Mpx
+    with pytest.raises(ClientError) as e:
+        decode_image(big, filename="big.png", input_size=INPUT, max_pixels=1_000_000)
+    assert e.value.status == 413 and "2000x1000" in e.value.detail
+
+
+def test_big_jpeg_decodes_in_draft_mode_but_stays_above_input_size():
+    data = jpeg(person_crop(1, size=(1024, 2048)))
+    decoded = decode_image(data, filename="big.jpg", input_size=INPUT, max_pixels=10**8, keep_crop=True)
+    w, h = decoded.image.size
+    assert w < 1024 and h < 2048  # reduced DCT scale
+    assert w >= 2 * INPUT[1] and h >= 2 * INPUT[0]
+    stored = Image.open(__import__("io").BytesIO(decoded.crop_jpeg))
+    assert stored.format == "JPEG" and max(stored.size) <= 512
+
+
+def test_small_jpeg_crop_is_stored_as_uploaded():
+    data = jpeg(person_crop(2))
+    assert decode_image(data, filename="a.jpg", input_size=INPUT, max_pixels=10**6, keep_crop=True).crop_jpeg == data
+
+
+# -- identities, cache --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "x" * 129, "a/b", "bell\x07", "tab\there"])
+def test_bad_identities_are_refused(raw):
+    with pytest.raises(ClientError) as e:
+        validate_identity(raw)
+    assert e.value.status == 422 and "identity" in e.value.detail
+
+
+def test_identity_is_trimmed():
+    assert validate_identity("  Alice Smith ") == "Alice Smith"
+    assert validate_identity("x" * 128) == "x" * 128
+
+
+def test_cache_evicts_least_recently_used_and_expires():
+    now = [0.0]
+    cache = EmbeddingCache(max_size=2, ttl_s=10, clock=lambda: now[0])
+    a, b = cache.put(np.ones(2)), cache.put(np.zeros(2))
+    assert cache.get(a) is not None  # a is now the most recent
+    c = cache.put(np.full(2, 2.0))
+    assert cache.get(b) is None and cache.get(a) is not None and cache.get(c) is not None
+    now[0] = 10.0
+    assert cache.get(a) is None and cache.get(c) is None
+
+
+# -- index --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_index_ranks_by_cosine_and_groups_by_identity(kind):
+    rng = np.random.default_rng(0)
+    vectors = unit(rng, 200)
+    index = VectorIndex(8, kind)
+    index.add(np.arange(1, 201), vectors, [f"p{i % 50}" for i in range(200)], [i % 4 for i in range(200)])
+    query = vectors[10]
+    exact = vectors @ query
+    by_entry = index.search(query, 5, by="entry")
+    assert by_entry[0].entry_id == 11 and by_entry[0].score == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose([m.score for m in by_entry], np.sort(exact)[::-1][:5], atol=1e-5)
+    by_identity = index.search(query, 50, by="identity")
+    assert len({m.identity for m in by_identity}) == 50 == len(by_identity)
+    assert by_identity[0].identity == "p10"
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_index_camera_filters_widen_the_search(kind):
+    rng = np.random.default_rng(1)
+    vectors = unit(rng, 300)
+    cameras = [1 if i < 290 else 2 for i in range(300)]
+    index = VectorIndex(8, kind)
+    index.add(np.arange(300), vectors, [f"p{i}" for i in range(300)], cameras)
+    only2 = index.search(vectors[0], 10, by="entry", camera=2)
+    assert sorted(m.entry_id for m in only2) == list(range(290, 300))
+    not1 = index.search(vectors[0], 20, by="entry", exclude_camera=1)
+    assert len(not1) == 10 and all(m.camera == 2 for m in not1)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_index_removal(kind):
+    rng = np.random.default_rng(2)
+    vectors = unit(rng, 100)
+    index = VectorIndex(8, kind)
+    index.add(np.arange(100), vectors, [f"p{i // 10}" for i in range(100)], [None] * 100)
+    for person in range(5):  # past the HNSW rebuild threshold
+        assert index.remove_identity(f"p{person}") == 10
+    assert len(index) == 50 and index.identity_count == 5
+    assert index.remove_identity("p0") == 0
+    results = index.search(vectors[3], 100, by="entry")
+    assert len(results) == 50 and all(m.entry_id >= 50 for m in results)
+
+
+# -- store --------------------------------------------------------------------------------
+
+
+def test_store_enrollment_is_all_or_nothing(tmp_path):
+    store = GalleryStore(tmp_path / "g.sqlite3")
+    store.add_entries("alice", [NewEntry(np.ones(4, np.float32), 1, b"jpg")], "fp")
+    bad = [NewEntry(np.ones(4, np.float32)), NewEntry(vector="not a vector")]  # second fails mid-transaction
+    with pytest.raises(Exception):
+        store.add_entries("bob", bad, "fp")
+    assert store.identity_entries("bob") is None
+    assert store.count_entries() == 1
+    store.close()
+    reopened = GalleryStore(tmp_path / "g.sqlite3")
+    (row,) = reopened.identity_entries("alice")
+    assert row.camera == 1 and row.has_crop and reopened.crop(row.entry_id) == b"jpg"
+    assert reopened._query("PRAGMA journal_mode")[0][0] == "wal"
+    assert reopened._query("PRAGMA synchronous")[0][0] == 2  # FULL
+
+
+def test_store_entry_ids_are_never_reused(tmp_path):
+    store = GalleryStore(tmp_path / "g.sqlite3")
+    (first,) = store.add_entries("a", [NewEntry(np.ones(4, np.float32))], "fp")
+    store.delete_identity("a")
+    (second,) = store.add_entries("a", [NewEntry(np.ones(4, np.float32))], "fp")
+    assert second.entry_id > first.entry_id
+
+
+# -- batcher ------------------------------------------------------------------------------
+
+
+def test_batcher_shares_forward_passes_between_concurrent_callers(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "m.safetensors")
+    model, info = load_checkpoint(checkpoint)
+    sizes = []
+
+    @torch.inference_mode()
+    def run(images):
+        return torch.nn.functional.normalize(model(torch.from_numpy(images)), dim=1).numpy()
+
+    batcher = Batcher(run, max_batch_size=8, max_wait_s=0.05, on_batch=lambda n, t, waits: sizes.append(n))
+    image = resize_normalize(person_crop(0), info.input_size, info.mean, info.std).numpy()
+    results, start = [None] * 8, threading.Barrier(8)
+
+    def call(i):
+        start.wait()
+        results[i] = batcher.embed_sync([image])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert sum(sizes) == 8 and max(sizes) > 1
+    for r in results:  # every caller got the embedding of its own image
+        np.testing.assert_allclose(r, results[0], atol=1e-5)

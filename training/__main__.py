@@ -1,0 +1,308 @@
+"""Command line: ``python -m training {synth,train,eval,init,demo}``.
+
+Every failure the user can cause (missing folder, wrong layout, unreadable checkpoint, bad
+option) ends with one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_ERROR = 2
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        raise CliError(f"{self.prog}: {message}")
+
+
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recipe overrides (defaults come from the recipe; see docs/training.md)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--optimizer", choices=["adam", "sgd"])
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--warmup-epochs", type=int)
+    g.add_argument("--lr-steps", type=float, nargs="*", metavar="FRACTION", help="lr decay points as fractions of the epochs")
+    g.add_argument("--lr-decay", type=float)
+    g.add_argument("--batch-p", type=int, help="identities per batch")
+    g.add_argument("--batch-k", type=int, help="images per identity in a batch")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--triplet-weight", type=float, help="0 turns the triplet loss off")
+    g.add_argument("--margin", type=float, help="triplet margin")
+    g.add_argument("--soft-margin", action="store_true", default=None, help="soft-margin triplet instead of the hinge")
+    g.add_argument("--mgat-gamma", type=float)
+    g.add_argument("--mgat-weight", type=float, help="weight of MGAT's identity loss")
+    g.add_argument("--of-weight", type=float, help="weight of the optimisation-feedback loss")
+    g.add_argument("--erase-p", type=float, help="random-erasing probability")
+    g.add_argument("--flip-p", type=float)
+    g.add_argument("--pad", type=int, help="pad-and-crop margin in pixels")
+    g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
+    g.add_argument("--eval-every", type=int, help="evaluate every N epochs (0: at the end only)")
+    g.add_argument("--seed", type=int)
+
+
+_RECIPE_OPTIONS = (
+    "epochs lr optimizer weight_decay momentum warmup_epochs lr_steps lr_decay batch_p batch_k label_smoothing "
+    "triplet_weight margin soft_margin mgat_gamma mgat_weight of_weight erase_p flip_p pad input_size eval_every seed"
+).split()
+
+
+def _recipe_changes(args) -> dict:
+    changes = {k: getattr(args, k) for k in _RECIPE_OPTIONS}
+    if changes.get("lr_steps") is not None:
+        changes["lr_steps"] = tuple(changes["lr_steps"])
+    return changes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m training", description="Train and evaluate person re-identification models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("synth", help="render a synthetic Market-1501-layout dataset")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--identities", type=int, default=200)
+    p.add_argument("--cameras", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the images of an existing set")
+
+    p = sub.add_parser("train", help="train a model on a Market-1501-layout folder")
+    p.add_argument("--arch", choices=["hacnn", "resnet50"], help="required unless --resume or --recipe")
+    p.add_argument("--mgat", action="store_true", help="add MGAT's identity and OF losses")
+    p.add_argument("--recipe", choices=["hacnn", "resnet50", "resnet50-mgat", "demo"], help="start from a named recipe")
+    p.add_argument("--data", required=True, help="Market-1501-layout folder")
+    p.add_argument("--out", required=True, help="serving checkpoint to write (.safetensors)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--resume", metavar="STATE", help="a .train-state.pt file written by an earlier run")
+    p.add_argument("--workers", type=int, help="DataLoader processes (default: 0 on <= 2 cores)")
+    p.add_argument("--imagenet-weights", metavar="PATH", help="torchvision resnet50 state dict (.pth or .safetensors)")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_recipe_options(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on query/gallery (last line: JSON)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--visualize", metavar="DIR", help="write ranking pictures for a few queries here")
+    p.add_argument("--num-queries", type=int, default=8, help="queries to draw with --visualize")
+    p.add_argument("--top-k", type=int, default=10, help="gallery crops per query with --visualize")
+
+    p = sub.add_parser("init", help="write an untrained (or ImageNet-initialised) serving checkpoint")
+    p.add_argument("--arch", required=True, choices=["hacnn", "resnet50"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--imagenet-weights", metavar="PATH")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="synthetic data + a fast HA-CNN, into one folder (minutes on a CPU)")
+    p.add_argument("--out", required=True, help="folder: writes data/ and model.safetensors")
+    p.add_argument("--identities", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=None, help="default: the demo recipe's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def cmd_synth(args) -> int:
+    from training.synth import generate_dataset
+
+    counts = generate_dataset(args.out, identities=args.identities, cameras=args.cameras, seed=args.seed, progress=True, overwrite=args.overwrite)
+    print(json.dumps(counts))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from training import engine, recipes
+    from training.data import load_reid_data
+
+    if args.resume:
+        base = recipes.Recipe(**_recipe_fields(engine.recipe_from_state(args.resume)))
+        if args.arch and args.arch != base.arch:
+            raise CliError(f"--arch {args.arch} but {args.resume} trains {base.arch}")
+    elif args.recipe:
+        base = recipes.get_recipe(args.recipe)
+        if args.arch and args.arch != base.arch:
+            raise CliError(f"--arch {args.arch} contradicts --recipe {args.recipe} ({base.arch})")
+        if args.mgat:
+            base = recipes.override(base, mgat=True)
+    elif args.arch:
+        base = recipes.recipe_for(args.arch, args.mgat)
+    else:
+        raise CliError("train: --arch is required (or --recipe, or --resume)")
+    recipe = recipes.override(base, **_recipe_changes(args))
+    _check_recipe(recipe)
+    if args.resume:
+        done = int(engine.read_state(args.resume)["epoch"])
+        if done >= recipe.epochs:
+            raise CliError(f"{args.resume}: already trained {done} epochs; pass a larger --epochs to continue")
+    data = load_reid_data(args.data)
+    if recipe.batch_p > data.num_train_ids:
+        raise CliError(
+            f"--batch-p {recipe.batch_p} identities per batch, but {args.data} has only {data.num_train_ids} training identities"
+        )
+    opts = engine.RunOptions(
+        out=args.out,
+        device=args.device,
+        workers=args.workers,
+        amp=not args.no_amp,
+        eval_batch_size=args.eval_batch_size,
+        imagenet_weights=args.imagenet_weights,
+        progress=not args.quiet,
+    )
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    if is_main:
+        print(f"recipe {recipe.name}: {json.dumps(recipe.to_dict())}", file=sys.stderr)
+        print(f"data {data.root}: {json.dumps(data.counts())}", file=sys.stderr)
+    summary = engine.train(recipe, data, opts, resume=args.resume)
+    if is_main:
+        print(json.dumps(summary))
+    return 0
+
+
+def _recipe_fields(d: dict) -> dict:
+    from training.recipes import Recipe
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    fields = {k: v for k, v in d.items() if k in names}
+    fields["input_size"] = tuple(fields["input_size"])
+    fields["lr_steps"] = tuple(fields["lr_steps"])
+    return fields
+
+
+def _check_recipe(r) -> None:
+    if r.epochs < 1:
+        raise CliError("--epochs must be at least 1")
+    if r.batch_p < 2 or r.batch_k < 1:
+        raise CliError("--batch-p must be at least 2 and --batch-k at least 1")
+    if r.lr <= 0:
+        raise CliError("--lr must be positive")
+    if min(r.input_size) < 32:
+        raise CliError("--input-size must be at least 32 x 32")
+    if r.arch == "hacnn":
+        # three stride-2 stages after the stem, and the height splits into num_regions stripes at each
+        step = 8 * r.model_config.get("num_regions", 4)
+        if r.input_size[0] % step or r.input_size[1] % 8:
+            raise CliError(f"--input-size for HA-CNN: height must be a multiple of {step} and width of 8")
+    if not 0 <= r.label_smoothing < 1:
+        raise CliError("--label-smoothing must be in [0, 1)")
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from models import load_checkpoint
+    from training.data import load_reid_data
+    from training.embeddings import evaluate_model
+    from training.engine import resolve_device
+
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be at least 1")
+    device = resolve_device(args.device)
+    model, info = load_checkpoint(args.checkpoint, device)
+    data = load_reid_data(args.data, with_train=False)
+    torch.set_grad_enabled(False)
+    with tqdm(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
+        metrics, distmat = evaluate_model(
+            model, data, info.mean, info.std, device, batch_size=args.batch_size, workers=args.workers, progress=bar
+        )
+    if args.visualize:
+        from training.visualize import write_rankings
+
+        paths = write_rankings(distmat, data.query, data.gallery, args.visualize, num_queries=args.num_queries, top_k=args.top_k)
+        print(f"wrote {len(paths)} ranking pictures to {args.visualize}", file=sys.stderr)
+    print(f"{info.model_name} on {data.root}: {json.dumps(data.counts())}", file=sys.stderr)
+    print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
+    return 0
+
+
+def cmd_init(args) -> int:
+    import torch
+
+    from models import save_checkpoint
+    from training.engine import build_network
+    from training.recipes import recipe_for
+
+    recipe = recipe_for(args.arch)
+    torch.manual_seed(args.seed)
+    model = build_network(recipe, num_classes=0, imagenet_weights=args.imagenet_weights)
+    source = "imagenet" if args.imagenet_weights else "random"
+    info = save_checkpoint(
+        model.eval(),
+        args.out,
+        training={"init": source, "seed": args.seed, "imagenet_weights": args.imagenet_weights, "recipe": recipe.name},
+    )
+    print(json.dumps({"out": str(args.out), "arch": info.arch, "fingerprint": info.fingerprint, "init": source}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from training import engine, recipes
+    from training.data import load_reid_data
+    from training.synth import generate_dataset
+
+    if args.identities < 4:
+        raise CliError("demo: --identities must be at least 4 (half train, half test)")
+    out = Path(args.out)
+    data_dir = out / "data"
+    if (data_dir / "bounding_box_train").is_dir() and any((data_dir / "bounding_box_train").iterdir()):
+        print(f"using the synthetic data already in {data_dir}", file=sys.stderr)
+    else:
+        print(f"rendering {args.identities} synthetic identities into {data_dir}", file=sys.stderr)
+        generate_dataset(data_dir, identities=args.identities, seed=args.seed, progress=not args.quiet)
+    data = load_reid_data(data_dir)
+    recipe = recipes.get_recipe("demo")
+    # A tiny demo set may have fewer identities than a batch wants: take them all.
+    recipe = recipes.override(recipe, epochs=args.epochs, seed=args.seed, batch_p=min(recipe.batch_p, data.num_train_ids))
+    _check_recipe(recipe)
+    print(f"training the demo HA-CNN on {json.dumps(data.counts())}", file=sys.stderr)
+    opts = engine.RunOptions(out=str(out / "model.safetensors"), device=args.device, eval_at_start=True, progress=not args.quiet)
+    summary = engine.train(recipe, data, opts)
+    before, after = summary["untrained"], summary["best"]
+    print(
+        f"held-out synthetic identities: untrained mAP {before['mAP']:.3f} rank-1 {before['rank1']:.3f} -> "
+        f"trained mAP {after['mAP']:.3f} rank-1 {after['rank1']:.3f} "
+        f"({summary['train_time_s']:.0f} s training); checkpoint {opts.out}",
+        file=sys.stderr,
+    )
+    print(json.dumps({"out": opts.out, "data": str(data_dir), "untrained": before, "trained": after, "train_time_s": summary["train_time_s"]}))
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "init": cmd_init, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models import CheckpointError
+    from training.data import DataLayoutError
+    from training.engine import TrainingError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (CliError, DataLayoutError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
