@@ -7,12 +7,6 @@ is downloaded; selenium is pointed at both binaries explicitly.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,19 +19,11 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from models import build_model
-from models.checkpoint import save_checkpoint
+from tests.service_support import ServiceProcess, make_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def person_crop(path: Path, seed: int) -> Path:
@@ -55,40 +41,9 @@ def person_crop(path: Path, seed: int) -> Path:
 @contextlib.contextmanager
 def running_service(tmp: Path, **settings: str):
     """`python -m service` on a free port with an untrained HA-CNN; yields its URL."""
-    checkpoint = tmp / "hacnn.safetensors"
-    save_checkpoint(build_model("hacnn").eval(), checkpoint)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
-    env.update(settings)
-    port = free_port()
-    log = tmp / "service.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--checkpoint", str(checkpoint),
-             "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp / "data")],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"service exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"service not ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    checkpoint = make_checkpoint(tmp / "hacnn.safetensors")
+    with ServiceProcess(checkpoint, tmp / "data", **settings) as service:
+        yield service.url
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +156,7 @@ def test_delete_button_removes_the_identity(browser, service_url, tmp_path):
 
 def test_api_key_field_unlocks_a_protected_gallery(browser, tmp_path):
     crops = [person_crop(tmp_path / "dave.jpg", seed=40)]
-    with running_service(tmp_path, REID_API_KEY="s3cret-key") as url:
+    with running_service(tmp_path, api_key="s3cret-key") as url:
         browser.get(url + "/")
         browser.find_element(By.ID, "enroll-identity").send_keys("dave")
         browser.find_element(By.ID, "enroll-files").send_keys(str(crops[0]))
