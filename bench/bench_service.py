@@ -1,8 +1,11 @@
 """End-to-end service benchmark (run by hand, not a test).
 
 1. /embed throughput with C concurrent clients sending single crops, against the raw model
-   throughput (same backend, batch = max batch size) measured in the same run: the ratio
-   says how much of the model's speed survives HTTP, decoding and micro-batching.
+   throughput measured in the same run: the best of one pass on all cores and one
+   single-threaded pass per core, at batch 1, 8 and the max batch size. The ratio says how
+   much of the model's speed survives HTTP, decoding and micro-batching. CPU time per image
+   (server and load generator) says what the rest costs: on a CPU-only machine it comes out
+   of the same cores as the model, which caps the ratio at model / (model + rest).
 2. /query latency (p50/p95) at gallery sizes 1k/10k/100k, the store filled directly with
    random normalised vectors.
 
@@ -47,20 +50,53 @@ def multipart(fields: dict[str, bytes], filename: str = "crop.jpg") -> tuple[byt
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def raw_throughput(checkpoint: Path, data_dir: Path, backend: str, batch: int, seconds: float) -> float:
-    embedder = load_embedder(checkpoint, device="cpu", backend=backend, data_dir=data_dir)
+def raw_throughput(checkpoint: Path, data_dir: Path, backend: str, batch: int, seconds: float,
+                   workers: int, threads: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) with `workers` threads each running `threads`-thread passes."""
+    embedder = load_embedder(checkpoint, device="cpu", backend=backend, data_dir=data_dir,
+                             workers=workers, threads=threads)
     h, w = embedder.info.input_size
     images = np.random.default_rng(0).normal(size=(batch, 3, h, w)).astype(np.float32)
     embedder.embed(images)  # warm-up
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        embedder.embed(images)
-        done += batch
-    return done / (time.perf_counter() - start)
+    counts = [0] * workers
+    stop = threading.Event()
+
+    def work(i: int) -> None:
+        while not stop.is_set():
+            embedder.embed(images)
+            counts[i] += batch
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    cpu0, start = time.process_time(), time.perf_counter()
+    for t in pool:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in pool:
+        t.join()
+    done, elapsed = sum(counts), time.perf_counter() - start
+    return done / elapsed, (time.process_time() - cpu0) / done * 1000
 
 
-def embed_throughput(port: int, clients: int, seconds: float) -> tuple[float, list[float]]:
-    """Each client: its own keep-alive connection, one crop per request, back to back."""
+def raw_grid(checkpoint: Path, data_dir: Path, backend: str, max_batch: int, seconds: float) -> dict:
+    """Throughput of every (passes at once, threads each, batch) layout worth trying on this machine."""
+    cores = os.cpu_count() or 1
+    layouts = [(1, cores)] + ([(cores, 1)] if backend == "onnx" and cores > 1 else [])
+    return {
+        (workers, threads, batch): raw_throughput(checkpoint, data_dir, backend, batch, seconds, workers, threads)
+        for workers, threads in layouts for batch in sorted({1, 8, max_batch})
+    }
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def embed_throughput(port: int, clients: int, seconds: float, server_pid: int | None = None) -> dict:
+    """Each client: its own keep-alive connection, one crop per request, back to back.
+
+    Returns images/s, latencies, and CPU ms per image of the server and of this load generator."""
     body, content_type = multipart({"image": jpeg(person_crop(0))})
     counts = [0] * clients
     latencies: list[float] = []
@@ -85,13 +121,16 @@ def embed_throughput(port: int, clients: int, seconds: float) -> tuple[float, li
         t.start()
     start_barrier.wait()
     time.sleep(1.0)  # warm-up
-    before, t0 = sum(counts), time.perf_counter()
+    server0 = process_cpu_seconds(server_pid) if server_pid else 0.0
+    before, t0, client0 = sum(counts), time.perf_counter(), time.process_time()
     time.sleep(seconds)
-    n, elapsed = sum(counts) - before, time.perf_counter() - t0
+    n, elapsed, client_cpu = sum(counts) - before, time.perf_counter() - t0, time.process_time() - client0
+    server_cpu = process_cpu_seconds(server_pid) - server0 if server_pid else float("nan")
     stop.set()
     for t in threads:
         t.join()
-    return n / elapsed, latencies
+    return {"rate": n / elapsed, "latencies": latencies,
+            "server_ms": server_cpu / n * 1000, "client_ms": client_cpu / n * 1000}
 
 
 def fill_store(data_dir: Path, fingerprint: str, dim: int, size: int, per_identity: int = 10) -> None:
@@ -197,26 +236,36 @@ def main() -> None:
 
     if not args.skip_throughput:
         data = tmp / "throughput"
-        raw = raw_throughput(checkpoint, data, args.backend, args.max_batch_size, args.seconds)
-        raw1 = raw_throughput(checkpoint, data, args.backend, 1, args.seconds / 3)
+        cores = os.cpu_count() or 1
+        grid = raw_grid(checkpoint, data, args.backend, args.max_batch_size, args.seconds / 3)
+        best = max(grid, key=lambda layout: grid[layout][0])
         with ServiceProcess(checkpoint, data, **settings) as service:
-            e2e, latencies = embed_throughput(service.port, args.clients, args.seconds)
+            e2e = embed_throughput(service.port, args.clients, args.seconds, service.proc.pid)
             import httpx
 
             metrics = httpx.get(f"{service.url}/metrics").text
-        # Raw again after the HTTP run: the mean of before and after evens out drift in machine load.
-        raw = (raw + raw_throughput(checkpoint, data, args.backend, args.max_batch_size, args.seconds)) / 2
+        # The best layout again after the HTTP run: the mean evens out drift in machine load.
+        again = raw_throughput(checkpoint, data, args.backend, best[2], args.seconds / 3, best[0], best[1])
+        raw, raw_ms = (grid[best][0] + again[0]) / 2, (grid[best][1] + again[1]) / 2
         count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("reid_batch_size_count")))
         total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("reid_batch_size_sum")))
-        latencies.sort()
-        print(f"\n| measure ({args.backend}, {os.cpu_count()} cores) | value |\n|---|---|")
-        print(f"| raw model, batch {args.max_batch_size} | {raw:.0f} img/s |")
-        print(f"| raw model, batch 1 | {raw1:.0f} img/s |")
-        print(f"| /embed, {args.clients} clients x 1 crop | {e2e:.0f} img/s |")
-        print(f"| ratio /embed : raw batch {args.max_batch_size} | {e2e / raw:.0%} |")
+        latencies = sorted(e2e["latencies"])
+        print(f"\n| raw model ({args.backend}, {cores} cores): passes at once x threads each | batch | img/s |"
+              "\n|---|---|---|")
+        for (workers, threads, batch), (rate, _) in grid.items():
+            print(f"| {workers} x {threads} | {batch} | {rate:.0f} |")
+        rest_ms = e2e["server_ms"] + e2e["client_ms"] - raw_ms
+        print(f"\n| measure ({args.backend}, {cores} cores) | value |\n|---|---|")
+        print(f"| raw model, best layout ({best[0]} x {best[1]}, batch {best[2]}) | {raw:.0f} img/s |")
+        print(f"| /embed, {args.clients} clients x 1 crop | {e2e['rate']:.0f} img/s |")
+        print(f"| ratio /embed : raw | {e2e['rate'] / raw:.0%} |")
         print(f"| mean batch size served | {total / count:.1f} |")
         print(f"| /embed latency p50 / p95 | {statistics.median(latencies) * 1000:.1f} / "
               f"{latencies[int(0.95 * (len(latencies) - 1))] * 1000:.1f} ms |")
+        print(f"| CPU per image: raw model | {raw_ms:.2f} ms |")
+        print(f"| CPU per image: service / load generator | {e2e['server_ms']:.2f} / {e2e['client_ms']:.2f} ms |")
+        print(f"| CPU per image beyond the model (HTTP, decode, batching, client) | {rest_ms:.2f} ms |")
+        print(f"| ceiling on {cores} shared cores, model / (model + rest) | {raw_ms / (raw_ms + rest_ms):.0%} |")
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if sizes:

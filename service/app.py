@@ -98,8 +98,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app, m)
     # The body may carry the images' bytes plus multipart framing and form fields.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD, metrics=m)
-    app.add_middleware(RequestMetricsMiddleware, metrics=m)  # added last: outermost, sees every request
-    for r in (health, metrics, embed, gallery, query, crops, page):
-        app.include_router(r.router)
+    routers = [r.router for r in (health, metrics, embed, gallery, query, crops, page)]
+    # Added last: outermost, sees every request. It gets the routes to label requests answered
+    # before routing (an early 413) with the route they were sent to.
+    app.add_middleware(RequestMetricsMiddleware, metrics=m, routes=[rt for r in routers for rt in r.routes])
+    for router in routers:
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     return app

@@ -1,11 +1,12 @@
-"""Micro-batching: concurrent requests share forward passes on one worker thread.
+"""Micro-batching: concurrent requests share forward passes on the batcher's worker threads.
 
-Each image is submitted on its own; the worker takes the first waiting image, then
+Each image is submitted on its own; a worker takes the first waiting image, then
 everything already queued, up to ``max_batch_size``. It waits for more (at most
 ``max_wait_s``) only while requests have announced images that are still being decoded
 (``expecting``): a lone request never waits on the timer, and requests that arrive
 together share a forward pass. While a batch runs, new images queue up, so under load
-batches fill by themselves.
+batches fill by themselves. Several workers may run passes side by side (``workers``):
+on CPU, one single-threaded pass per core beats one pass split over all cores.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ class Batcher:
         *,
         max_batch_size: int,
         max_wait_s: float,
+        workers: int = 1,
         on_batch: Callable[[int, float, list[float]], None] | None = None,
     ):
-        """``on_batch(size, inference_seconds, queue_waits)`` is called after every forward pass."""
+        """``on_batch(size, inference_seconds, queue_waits)`` is called after every forward pass;
+        with several workers, ``embed`` and ``on_batch`` are called from several threads at once."""
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
         self._embed = embed
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -52,10 +57,20 @@ class Batcher:
         self._queue: queue.Queue = queue.Queue()
         self._expected = 0  # images announced by requests and not yet submitted
         self._expected_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="reid-batcher", daemon=True)
-        self._thread.start()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"reid-batcher-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
 
     def submit(self, image: np.ndarray) -> Future:
+        if self._closed:  # no worker would ever answer
+            raise RuntimeError("the batcher is closed")
         future: Future = Future()
         self._queue.put(_Item(image, future))
         return future
@@ -89,8 +104,20 @@ class Batcher:
         return np.stack([f.result() for f in futures])
 
     def close(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+        """Finish what is queued, then stop every worker."""
+        self._closed = True
+        for _ in self._threads:  # each worker leaves on the first stop it takes
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        # Anything queued after the workers left (a submit racing close) is cancelled, not left hanging.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                item.future.cancel()
 
     def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
         batch, stop = [first], False
@@ -135,11 +162,3 @@ class Batcher:
                 item.future.set_result(vector)
             if self._on_batch is not None:
                 self._on_batch(len(batch), elapsed, [started - item.submitted for item in batch])
-        # Anything still queued after stop is cancelled, not left hanging.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                item.future.cancel()

@@ -130,7 +130,8 @@ def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identiti
         identities = sorted(groups)[:max_identities] if max_identities else sorted(groups)
         embedder = load_model(settings)
         info = embedder.info
-        batcher = Batcher(embedder.embed, max_batch_size=settings.max_batch_size, max_wait_s=0.005)
+        batcher = Batcher(embedder.embed, max_batch_size=settings.max_batch_size, max_wait_s=0.005,
+                          workers=embedder.workers)
         pending: deque[tuple[str, list[int], list[bytes | None], list[Future]]] = deque()
         enrolled = bad = 0
 
@@ -185,7 +186,8 @@ def reembed(settings: Settings) -> int:
 
     store = open_store(settings)
     try:
-        embedder = load_model(settings)
+        # One batch at a time here: all cores on the one pass unless the operator said otherwise.
+        embedder = load_model(settings.model_copy(update={"model_workers": settings.model_workers or 1}))
         info = embedder.info
         stale = sum(n for fp, n in store.counts_by_fingerprint().items() if fp != info.fingerprint)
         if not stale:

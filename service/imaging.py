@@ -47,7 +47,9 @@ def decode_image(
                 h, w = input_size
                 image.draft("RGB", (w * 2, h * 2))
             image.load()
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright crop
+            if image.mode != "RGB":
+                image = image.convert("RGB")
     except ClientError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
@@ -19,8 +21,8 @@ class RequestMetricsMiddleware:
     """Observes reid_request_duration_seconds{route, method, status}. The route label is the
     matched template (/gallery/{identity}), never the raw path, so label sets stay bounded."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute] = ()):
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,11 +43,20 @@ class RequestMetricsMiddleware:
             status = 500
             raise
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_duration.labels(template, scope["method"], str(status)).observe(
+            self.metrics.request_duration.labels(self._template(scope), scope["method"], str(status)).observe(
                 time.perf_counter() - started
             )
+
+    def _template(self, scope: Scope) -> str:
+        """The matched route's template; for a request answered before routing, the route it was
+        sent to. Paths no route knows share one label, so label sets stay bounded."""
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        for candidate in self.routes:
+            if candidate.matches(scope)[0] != Match.NONE:
+                return getattr(candidate, "path", "unmatched")
+        return "unmatched"
 
 
 class BodyLimitMiddleware:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
+from fastapi import Response
 from pydantic import BaseModel, Field
 
 from service.errors import bad_request
@@ -24,6 +25,14 @@ def validate_identity(raw: str) -> str:
     if "/" in identity:
         raise bad_request("bad_identity", "identity must not contain '/'")
     return identity
+
+
+def unvalidated_json(body: BaseModel, status_code: int = 200) -> Response:
+    """A response model built with model_construct from trusted values, serialised as is.
+
+    Returning the model itself makes FastAPI validate it again field by field: for /embed,
+    1024 floats per crop, a third of the request's Python time."""
+    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
 class Error(BaseModel):

@@ -51,7 +51,7 @@ def load_model(settings: Settings) -> Embedder:
         raise StartupError("no checkpoint given: pass --checkpoint FILE or set REID_CHECKPOINT")
     return load_embedder(
         settings.checkpoint, device=settings.device, backend=settings.backend,
-        data_dir=settings.data_dir, threads=settings.threads,
+        data_dir=settings.data_dir, workers=settings.model_workers, threads=settings.threads,
     )
 
 
@@ -72,7 +72,7 @@ def build_services(settings: Settings, metrics: Metrics) -> Services:
     log.info("gallery: %d entries indexed (%s), %d stale", report.indexed, settings.index, report.stale)
     batcher = Batcher(
         embedder.embed, max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.max_batch_wait_ms / 1000.0, on_batch=metrics.observe_batch,
+        max_wait_s=settings.max_batch_wait_ms / 1000.0, workers=embedder.workers, on_batch=metrics.observe_batch,
     )
     services = Services(settings, embedder, batcher, gallery, EmbeddingCache(
         settings.embedding_cache_size, settings.embedding_cache_ttl_s), metrics)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -36,10 +35,9 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree")
     hnsw_ef_search: int = Field(128, ge=8, description="HNSW search breadth")
     max_k: int = Field(1000, ge=1, description="largest k a query may ask for")
-    threads: int = Field(0, ge=0, description="model threads on CPU (0: one per core)")
+    model_workers: int = Field(
+        0, ge=0, le=64, description="forward passes run side by side (0: one per core with ONNX Runtime, else 1)"
+    )
+    threads: int = Field(0, ge=0, description="CPU threads per forward pass (0: cores / model_workers)")
     search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads per search")
     log_level: str = Field("info", description="debug, info, warning, error")
-
-    @property
-    def model_threads(self) -> int:
-        return self.threads or os.cpu_count() or 1

@@ -79,6 +79,8 @@ def test_missing_image_field_is_422(client):
 def test_too_many_bytes_is_413_from_content_length(client):
     r = client.post("/embed", files=[("image", ("big.jpg", b"\xff" * (MAX_UPLOAD + 100_000), "image/jpeg"))])
     assert r.status_code == 413 and "request body exceeds the limit" in detail(r)
+    # Refused before routing, but counted under the route it was sent to.
+    assert 'reid_request_duration_seconds_count{method="POST",route="/embed",status="413"}' in client.get("/metrics").text
 
 
 def test_too_many_bytes_is_413_while_streaming_without_content_length(client):

@@ -4,6 +4,7 @@ batcher, and ONNX Runtime agreeing with torch."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from models import load_checkpoint
 from models.preprocess import resize_normalize
 from service.batcher import Batcher
 from service.cache import EmbeddingCache
-from service.embedder import StartupError, load_embedder, resolve_backend, resolve_device
+from service.embedder import StartupError, load_embedder, plan_parallelism, resolve_backend, resolve_device
 from service.errors import ClientError
 from service.imaging import decode_image
 from service.index import VectorIndex
@@ -40,6 +41,18 @@ def test_device_auto_picks_cuda_only_when_present():
 def test_cuda_requested_without_gpu_is_a_startup_error():
     with pytest.raises(StartupError, match="no CUDA device"):
         resolve_device("cuda", cuda_available=False)
+
+
+def test_parallelism_plan():
+    # ONNX Runtime on CPU: one single-threaded pass per core (at most 8 passes).
+    assert plan_parallelism("onnx", "cpu", 0, 0, cores=2) == (2, 1)
+    assert plan_parallelism("onnx", "cpu", 0, 0, cores=16) == (8, 2)
+    # torch: one pass, on all cores on CPU; the GPU needs one feeding thread.
+    assert plan_parallelism("torch", "cpu", 0, 0, cores=4) == (1, 4)
+    assert plan_parallelism("torch", "cuda", 0, 0, cores=4) == (1, 1)
+    # What the operator sets is kept.
+    assert plan_parallelism("onnx", "cpu", 1, 0, cores=4) == (1, 4)
+    assert plan_parallelism("onnx", "cpu", 3, 2, cores=4) == (3, 2)
 
 
 def test_backend_auto_is_onnx_on_cpu_and_torch_on_cuda():
@@ -114,6 +127,18 @@ def test_big_jpeg_decodes_in_draft_mode_but_stays_above_input_size():
 def test_small_jpeg_crop_is_stored_as_uploaded():
     data = jpeg(person_crop(2))
     assert decode_image(data, filename="a.jpg", input_size=INPUT, max_pixels=10**6, keep_crop=True).crop_jpeg == data
+
+
+def test_phone_photo_is_turned_upright_by_its_exif_orientation():
+    upright = person_crop(3)  # 64 x 128, taller than wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": the stored pixels lie on their side
+    out = __import__("io").BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(out, format="JPEG", quality=95, exif=exif)
+    decoded = decode_image(out.getvalue(), filename="phone.jpg", input_size=INPUT, max_pixels=10**6)
+    assert decoded.image.size == upright.size and decoded.image.mode == "RGB"
+    diff = np.abs(np.asarray(decoded.image, dtype=np.float32) - np.asarray(upright, dtype=np.float32)).mean()
+    assert diff < 8  # the same picture, up to JPEG loss
 
 
 # -- identities, cache --------------------------------------------------------------------
@@ -244,3 +269,49 @@ def test_batcher_shares_forward_passes_between_concurrent_callers(tmp_path):
     assert sum(sizes) == 8 and max(sizes) > 1
     for r in results:  # every caller got the embedding of its own image
         np.testing.assert_allclose(r, results[0], atol=1e-5)
+
+
+def test_batcher_workers_run_forward_passes_side_by_side():
+    both_inside = threading.Barrier(2, timeout=10)  # broken (an error) unless two passes overlap
+
+    def run(images):
+        both_inside.wait()
+        return images.reshape(len(images), -1)[:, :4] * 2
+
+    batcher = Batcher(run, max_batch_size=1, max_wait_s=0, workers=2)
+    assert batcher.workers == 2
+    images = [np.full((3, 2, 2), i, np.float32) for i in range(4)]
+    results = [None] * 4
+
+    def call(i):
+        results[i] = batcher.embed_sync([images[i]])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    for i, r in enumerate(results):  # each caller got its own image's result back
+        np.testing.assert_array_equal(r, np.full((1, 4), 2 * i))
+
+
+def test_batcher_close_finishes_queued_work_then_stops_every_worker():
+    release = threading.Event()
+
+    def run(images):
+        release.wait(10)
+        return images.reshape(len(images), -1)
+
+    batcher = Batcher(run, max_batch_size=1, max_wait_s=0, workers=2)
+    futures = [batcher.submit(np.zeros((3, 2, 2), np.float32)) for _ in range(5)]
+    time.sleep(0.2)  # two passes have started and block; three images wait in the queue
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    release.set()
+    closer.join(timeout=30)
+    assert not closer.is_alive()
+    assert all(f.done() and not f.cancelled() for f in futures)  # in-flight requests get their answers
+    assert not [t for t in threading.enumerate() if t.name.startswith("reid-batcher")]
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(np.zeros((3, 2, 2), np.float32))
