@@ -138,3 +138,17 @@ def test_histogram_features_ignore_a_uniform_colour_cast():
     plain = baselines.colour_histogram_features(Image.fromarray(pixels.astype(np.uint8)))
     tinted = baselines.colour_histogram_features(Image.fromarray(cast))
     assert float(plain @ tinted) > 0.97
+
+
+def test_a_stranger_cropped_above_the_chest_still_renders():
+    """Distractors are badly cropped strangers: a body mostly below the crop must draw (this
+    once failed at identities=1000, seed=3, for the 'block' garment)."""
+    from training.synth import _draw_person, _make_identities
+
+    people = [person for _, person in _make_identities(200, 0, 4).values()]
+    assert {"block", "hstripes", "checks"} <= {p.upper_pattern for p in people}
+    for person in people:
+        for view in ("front", "back", "left", "right"):
+            canvas = Image.new("RGB", (64, 128))
+            _draw_person(canvas, person, view, 0.3, cx=32, feet_y=420, h=400)  # shoulders near the bottom edge
+

@@ -537,7 +537,8 @@ def _pattern(p: Identity, view: str, size, cx, shoulder_y, hip_y, h) -> Image.Im
                 offset = period if ((y - int(shoulder_y)) // period) % 2 else 0
                 draw.rectangle([x + offset, y, x + offset + period - 1, y + period - 1], fill=p.upper_second)
     elif kind == "block":
-        draw.rectangle([0, (shoulder_y + hip_y) / 2, width, height], fill=p.upper_second)
+        # min: a badly cropped stranger's chest can lie below the crop
+        draw.rectangle([0, min((shoulder_y + hip_y) / 2, height), width, height], fill=p.upper_second)
     elif kind == "logo" and view == "front":
         r = 0.055 * h
         cy = shoulder_y + 0.12 * h
