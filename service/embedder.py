@@ -66,7 +66,6 @@ class Embedder:
     device: str
     run: object  # callable: np.ndarray (N,3,H,W) float32 -> np.ndarray (N,D) float32
     workers: int = 1  # forward passes the backend may run at once (from as many threads)
-    threads: int = 1  # threads each pass uses on CPU
 
     @property
     def model_name(self) -> str:
@@ -140,4 +139,4 @@ def load_embedder(
         run = _torch_runner(model, device)
     log.info("model %s (%s, dim %d) on %s via %s, %d pass(es) at once x %d thread(s)",
              info.model_name, info.arch, info.embedding_dim, device, backend, workers, threads)
-    return Embedder(info=info, backend=backend, device=device, run=run, workers=workers, threads=threads)
+    return Embedder(info=info, backend=backend, device=device, run=run, workers=workers)

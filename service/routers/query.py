@@ -27,9 +27,13 @@ class QueryParams:
         self.k, self.by, self.camera, self.exclude_camera = k, by, camera, exclude_camera
 
 
-async def _search(services: Services, vector: np.ndarray, params: QueryParams) -> QueryResponse:
+def _check_k(services: Services, params: QueryParams) -> None:
     if not 1 <= params.k <= services.settings.max_k:
         raise bad_request("bad_k", f"k must be between 1 and {services.settings.max_k}, got {params.k}")
+
+
+async def _search(services: Services, vector: np.ndarray, params: QueryParams) -> QueryResponse:
+    _check_k(services, params)
     started = time.perf_counter()
     matches = await run_in_threadpool(
         services.gallery.search, vector, params.k, by=params.by, camera=params.camera,
@@ -62,7 +66,6 @@ async def query_by_image(
     services: Annotated[Services, Depends(get_services)],
 ) -> QueryResponse:
     """Embed a crop and rank the gallery against it in one round trip."""
-    if not 1 <= params.k <= services.settings.max_k:  # before spending a forward pass
-        raise bad_request("bad_k", f"k must be between 1 and {services.settings.max_k}, got {params.k}")
+    _check_k(services, params)  # before spending a forward pass
     vectors, _ = await embed_uploads(services, [image])
     return await _search(services, vectors[0], params)
