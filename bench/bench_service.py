@@ -56,7 +56,8 @@ def raw_throughput(checkpoint: Path, data_dir: Path, backend: str, batch: int, s
     embedder = load_embedder(checkpoint, device="cpu", backend=backend, data_dir=data_dir,
                              workers=workers, threads=threads)
     h, w = embedder.info.input_size
-    images = np.random.default_rng(0).normal(size=(batch, 3, h, w)).astype(np.float32)
+    # uint8 pixels, as the batcher hands them over: normalisation is part of the measured pass.
+    images = np.random.default_rng(0).integers(0, 256, size=(batch, h, w, 3), dtype=np.uint8)
     embedder.embed(images)  # warm-up
     counts = [0] * workers
     stop = threading.Event()
@@ -180,7 +181,7 @@ def random_gallery(dim: int, size: int, queries: int = 200) -> tuple[np.ndarray,
 def folder_gallery(checkpoint: Path, folder: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """The checkpoint's embeddings of a Market-1501-layout folder: query/ images are the
     queries, every other .jpg (train, test gallery, distractors) the gallery."""
-    from models.preprocess import resize_normalize
+    from models.preprocess import resize_pixels
     from service.imaging import decode_image
 
     embedder = load_embedder(checkpoint, device="cpu", backend="onnx", data_dir=data_dir)
@@ -190,8 +191,8 @@ def folder_gallery(checkpoint: Path, folder: Path, data_dir: Path) -> tuple[np.n
         raise SystemExit(f"{folder}: no .jpg files")
     vectors = []
     for first in range(0, len(paths), 64):
-        batch = [resize_normalize(decode_image(p.read_bytes(), filename=p.name, input_size=info.input_size,
-                                               max_pixels=10**8).image, info.input_size, info.mean, info.std).numpy()
+        batch = [resize_pixels(decode_image(p.read_bytes(), filename=p.name, input_size=info.input_size,
+                                            max_pixels=10**8).image, info.input_size)
                  for p in paths[first:first + 64]]
         vectors.append(embedder.embed(np.stack(batch)))
     vectors = np.concatenate(vectors)

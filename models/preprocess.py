@@ -9,27 +9,37 @@ import torch
 from PIL import Image
 
 
-def resize_normalize(
-    image: Image.Image, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """RGB, bilinear resize to input_size (H, W), scale to [0, 1], normalise: a 3 x H x W float tensor."""
+def resize_pixels(image: Image.Image, input_size: Sequence[int]) -> np.ndarray:
+    """RGB, bilinear resize to input_size (H, W): H x W x 3 uint8, what the service batches."""
     height, width = input_size
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.BILINEAR)
-    return normalize_array(np.asarray(image), mean, std)
+    return np.asarray(image)
+
+
+def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """... x H x W x 3 uint8 -> ... x 3 x H x W float32, (x/255 - mean) / std.
+
+    Works on one image or a batch; the result is a channels-first view of a fresh array
+    (np.ascontiguousarray where a backend needs contiguous memory)."""
+    std_ = np.asarray(std, dtype=np.float32)
+    scale = 1.0 / (255.0 * std_)
+    offset = np.asarray(mean, dtype=np.float32) / std_
+    x = np.asarray(pixels).astype(np.float32)  # a fresh, writable array
+    x *= scale
+    x -= offset
+    return np.moveaxis(x, -1, -3)
 
 
 def normalize_array(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """H x W x 3 uint8 pixels -> 3 x H x W float tensor, (x/255 - mean) / std.
+    """H x W x 3 uint8 pixels -> 3 x H x W float tensor, (x/255 - mean) / std."""
+    return torch.from_numpy(np.ascontiguousarray(normalize_pixels(pixels, mean, std)))
 
-    Computed in numpy: called from many request threads at once, torch's per-op overhead
-    dominated this step in the service (no-op model: 547 -> 630 requests/s with numpy)."""
-    std_ = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    scale = 1.0 / (255.0 * std_)
-    offset = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) / std_
-    x = np.asarray(pixels).transpose(2, 0, 1).astype(np.float32)  # a fresh, writable array
-    x *= scale
-    x -= offset
-    return torch.from_numpy(x)
+
+def resize_normalize(
+    image: Image.Image, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """RGB, bilinear resize to input_size (H, W), scale to [0, 1], normalise: a 3 x H x W float tensor."""
+    return normalize_array(resize_pixels(image, input_size), mean, std)

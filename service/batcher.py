@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Item:
-    image: np.ndarray  # 3 x H x W float32
+    image: np.ndarray  # H x W x 3 uint8 (the embedder normalises whole batches)
     future: Future
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -90,13 +90,14 @@ class Batcher:
             self._adjust_expected(-announced["left"])
 
     async def embed(self, images: list[np.ndarray], announced: dict | None = None) -> np.ndarray:
-        """Embed images (each 3 x H x W) without blocking the event loop: N x D."""
+        """Embed images (each H x W x 3) without blocking the event loop: N x D."""
         futures = [asyncio.wrap_future(self.submit(image)) for image in images]
         if announced is not None:  # queued first, then un-announced: the worker never misses them
             self._adjust_expected(-announced["left"])
             announced["left"] = 0
-        rows = await asyncio.gather(*futures)
-        return np.stack(rows)
+        if len(futures) == 1:  # the common case: no gather task to schedule
+            return (await futures[0])[None]
+        return np.stack(await asyncio.gather(*futures))
 
     def embed_sync(self, images: list[np.ndarray]) -> np.ndarray:
         """The same from a plain thread (CLI import, reembed)."""

@@ -112,7 +112,7 @@ def _market_files(folder: Path) -> tuple[dict[str, list[tuple[Path, int]]], int]
 
 
 def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identities: int | None) -> None:
-    from models.preprocess import resize_normalize
+    from models.preprocess import resize_pixels
     from service.batcher import Batcher
     from service.errors import ClientError
     from service.imaging import decode_image
@@ -155,8 +155,8 @@ def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identiti
                         tqdm.write(f"skipped {path}: {getattr(e, 'detail', e)}")
                         bad += 1
                         continue
-                    tensor = resize_normalize(decoded.image, info.input_size, info.mean, info.std).numpy()
-                    futures.append(batcher.submit(tensor))  # decoding the next ones overlaps the model
+                    pixels = resize_pixels(decoded.image, info.input_size)
+                    futures.append(batcher.submit(pixels))  # decoding the next ones overlaps the model
                     cameras.append(camera)
                     crops.append(decoded.crop_jpeg)
                 if futures:
@@ -179,7 +179,7 @@ def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identiti
 
 
 def reembed(settings: Settings) -> int:
-    from models.preprocess import resize_normalize
+    from models.preprocess import resize_pixels
     from service.errors import ClientError
     from service.imaging import decode_image
     from service.services import load_model, open_store
@@ -209,7 +209,7 @@ def reembed(settings: Settings) -> int:
                         impossible.append(entry_id)
                         continue
                     ids.append(entry_id)
-                    tensors.append(resize_normalize(image, info.input_size, info.mean, info.std).numpy())
+                    tensors.append(resize_pixels(image, info.input_size))
                 if tensors:
                     import numpy as np
 

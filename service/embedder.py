@@ -1,8 +1,9 @@
 """The model behind the service: one checkpoint, run by ONNX Runtime (CPU) or torch (CPU or CUDA).
 
-Every backend takes an N x 3 x H x W float32 array of normalised images and returns
-N x D float32 L2-normalised embeddings. Backends are not thread-safe by contract: the
-batcher calls them from its one worker thread.
+Every backend takes N x H x W x 3 uint8 pixels, already resized to the checkpoint's input
+size, normalises them as the checkpoint says (on the model's device: a quarter of the bytes
+to move to a GPU, and off the event loop) and returns N x D float32 L2-normalised
+embeddings. The batcher calls a backend from at most ``workers`` threads at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models import CheckpointInfo, load_checkpoint
+from models.preprocess import normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +66,32 @@ class Embedder:
     info: CheckpointInfo
     backend: str
     device: str
-    run: object  # callable: np.ndarray (N,3,H,W) float32 -> np.ndarray (N,D) float32
+    run: object  # callable: np.ndarray (N,H,W,3) uint8 -> np.ndarray (N,D) float32
     workers: int = 1  # forward passes the backend may run at once (from as many threads)
 
     @property
     def model_name(self) -> str:
         return self.info.model_name
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        return self.run(images)
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """N x H x W x 3 uint8 at the input size -> N x D unit vectors."""
+        return self.run(pixels)
 
 
-def _torch_runner(model: torch.nn.Module, device: str):
+def _torch_runner(model: torch.nn.Module, info: CheckpointInfo, device: str):
     half = device == "cuda"  # fp16 on GPU: tensor cores, half the memory traffic
     if half:
         model = model.half()
     model = model.to(device).eval()
+    std = torch.tensor(info.std, dtype=torch.float32)
+    # The same float32 arithmetic as models.preprocess.normalize_pixels.
+    scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(device)
+    offset = (torch.tensor(info.mean, dtype=torch.float32) / std).view(1, 3, 1, 1).to(device)
 
     @torch.inference_mode()
-    def run(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).to(device, non_blocking=True)
+    def run(pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().mul_(scale).sub_(offset)
         if half:
             x = x.half()
         return F.normalize(model(x).float(), dim=1).cpu().numpy()
@@ -115,8 +123,9 @@ def _onnx_runner(model: torch.nn.Module, info: CheckpointInfo, data_dir: Path, t
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def run(images: np.ndarray) -> np.ndarray:
-        (out,) = session.run(["embeddings"], {"images": np.ascontiguousarray(images, dtype=np.float32)})
+    def run(pixels: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(normalize_pixels(pixels, info.mean, info.std))
+        (out,) = session.run(["embeddings"], {"images": images})
         return out.astype(np.float32, copy=False)
 
     return run
@@ -136,7 +145,7 @@ def load_embedder(
     else:
         if device == "cpu":
             torch.set_num_threads(threads)
-        run = _torch_runner(model, device)
+        run = _torch_runner(model, info, device)
     log.info("model %s (%s, dim %d) on %s via %s, %d pass(es) at once x %d thread(s)",
              info.model_name, info.arch, info.embedding_dim, device, backend, workers, threads)
     return Embedder(info=info, backend=backend, device=device, run=run, workers=workers)

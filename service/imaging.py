@@ -21,6 +21,18 @@ class DecodedImage:
     crop_jpeg: bytes | None  # what the gallery stores (None when crops are not kept)
 
 
+def header_pixels(data: bytes) -> int:
+    """width x height read from the header alone; 0 when Pillow cannot even read that (decoding
+    then fails at once, with the reason)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.width * image.height
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 0
+
+
 def decode_image(
     data: bytes,
     *,

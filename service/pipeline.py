@@ -1,4 +1,5 @@
-"""Uploads -> embeddings: read (bounded), decode and preprocess (worker thread), batch-embed."""
+"""Uploads -> embeddings: read (bounded), decode and resize (small crops on the event loop, big
+images on a worker thread), batch-embed."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import numpy as np
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from models.preprocess import resize_normalize
+from models.preprocess import resize_pixels
 from service.errors import ClientError
-from service.imaging import decode_image
+from service.imaging import decode_image, header_pixels
 from service.services import Services
 
 CHUNK = 64 * 1024
@@ -43,6 +44,7 @@ async def read_uploads(files: list[UploadFile], max_bytes: int, max_images: int)
 
 
 def _prepare(services: Services, uploads: list[Upload], keep_crops: bool) -> tuple[list[np.ndarray], list[bytes | None]]:
+    """Decode and resize every upload: H x W x 3 uint8 each, and the crops to store."""
     info, settings, stage = services.embedder.info, services.settings, services.metrics.stage_duration
     arrays, crops = [], []
     for upload in uploads:
@@ -52,7 +54,7 @@ def _prepare(services: Services, uploads: list[Upload], keep_crops: bool) -> tup
             max_pixels=settings.max_image_pixels, keep_crop=keep_crops,
         )
         t1 = time.perf_counter()
-        arrays.append(resize_normalize(decoded.image, info.input_size, info.mean, info.std).numpy())
+        arrays.append(resize_pixels(decoded.image, info.input_size))
         t2 = time.perf_counter()
         stage.labels("decode").observe(t1 - t0)
         stage.labels("preprocess").observe(t2 - t1)
@@ -67,6 +69,11 @@ async def embed_uploads(
     settings = services.settings
     uploads = await read_uploads(files, settings.max_upload_bytes, settings.max_images_per_request)
     with services.batcher.expecting(len(uploads)) as announced:
-        arrays, crops = await run_in_threadpool(_prepare, services, uploads, keep_crops)
+        if sum(header_pixels(u.data) for u in uploads) <= settings.inline_decode_pixels:
+            # A person crop decodes in ~0.1 ms: less than the two thread switches a worker thread
+            # costs, and those switches wait for a core the model is using (measured: docs/service.md).
+            arrays, crops = _prepare(services, uploads, keep_crops)
+        else:
+            arrays, crops = await run_in_threadpool(_prepare, services, uploads, keep_crops)
         vectors = await services.batcher.embed(arrays, announced)
     return vectors, crops

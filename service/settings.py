@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(10 * MiB, ge=1, description="most image bytes in one request (413 beyond)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest width x height decoded")
+    inline_decode_pixels: int = Field(
+        65_536, ge=0,
+        description="requests whose images total at most this many pixels are decoded on the event loop "
+        "(cheaper than a thread switch); bigger ones on a worker thread. 0: always a worker thread",
+    )
     max_images_per_request: int = Field(64, ge=1, description="most image files in one request")
     embedding_cache_size: int = Field(10_000, ge=1, description="embeddings kept for GET /query")
     embedding_cache_ttl_s: float = Field(600.0, gt=0, description="how long an /embed id stays valid")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models import IMAGENET_MEAN, IMAGENET_STD, build_model, embed
-from models.preprocess import resize_normalize
+from models.preprocess import normalize_array, normalize_pixels, resize_normalize
 from models.resnet import ResNet50ReID
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torchvision_resnet50_keys.txt"
@@ -241,3 +241,13 @@ def test_resize_normalize_gives_the_network_input():
     # Greyscale and RGBA uploads are converted, not rejected.
     assert resize_normalize(Image.new("L", (64, 160)), (160, 64), IMAGENET_MEAN, IMAGENET_STD).shape == (3, 160, 64)
     assert resize_normalize(Image.new("RGBA", (64, 160)), (160, 64), IMAGENET_MEAN, IMAGENET_STD).shape == (3, 160, 64)
+
+
+def test_normalising_a_batch_of_pixels_equals_normalising_each_image():
+    """The service normalises whole batches of uint8 pixels; training normalises one image at a time."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(3, 160, 64, 3), dtype=np.uint8)
+    batch = normalize_pixels(pixels, IMAGENET_MEAN, IMAGENET_STD)
+    assert batch.shape == (3, 3, 160, 64) and batch.dtype == np.float32
+    for image, row in zip(pixels, batch):
+        np.testing.assert_array_equal(row, normalize_array(image, IMAGENET_MEAN, IMAGENET_STD).numpy())

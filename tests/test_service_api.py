@@ -103,6 +103,17 @@ def test_too_many_pixels_is_413(client):
     assert r.status_code == 413 and "1500x1000" in detail(r)
 
 
+def test_big_images_take_the_worker_thread_path_with_the_same_ranking_and_errors(client):
+    """Crops up to REID_INLINE_DECODE_PIXELS are decoded on the event loop, bigger images on a
+    worker thread: both paths rank the same person first and refuse a damaged file alike."""
+    small, big = jpeg(person_crop(2)), jpeg(person_crop(2, size=(320, 640)))  # 8,192 and 204,800 pixels
+    for data in (small, big):
+        r = client.post("/query", params={"k": 1}, files=files(data))
+        assert r.status_code == 200 and r.json()["matches"][0]["identity"] == "person-2"
+    r = client.post("/embed", files=files(big[: len(big) // 3], name="cut.jpg"))
+    assert r.status_code == 415 and "cut.jpg" in detail(r)
+
+
 def test_too_many_images_is_413(client):
     r = client.post("/embed", files=files(*[jpeg(person_crop(0))] * 9))
     assert r.status_code == 413 and "9 images" in detail(r)

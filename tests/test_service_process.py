@@ -20,7 +20,7 @@ from PIL import ImageEnhance, ImageOps
 from service.embedder import load_embedder
 from service.imaging import decode_image
 from service.store import GalleryStore, NewEntry
-from models.preprocess import resize_normalize
+from models.preprocess import resize_pixels
 from tests.service_support import ServiceProcess, files, jpeg, make_checkpoint, person_crop, run_cli, seed_onnx_cache
 
 PEOPLE = 6
@@ -218,8 +218,7 @@ def test_stale_model_entries_are_excluded_until_reembedded(workdir):
     for person in range(4):
         crops = [jpeg(person_crop(person, v)) for v in range(2)]
         images = [decode_image(c, filename="x", input_size=old.info.input_size, max_pixels=10**6).image for c in crops]
-        vectors = old.embed(np.stack([
-            resize_normalize(im, old.info.input_size, old.info.mean, old.info.std).numpy() for im in images]))
+        vectors = old.embed(np.stack([resize_pixels(im, old.info.input_size) for im in images]))
         store.add_entries(f"p{person}", [NewEntry(v, 0, c) for v, c in zip(vectors, crops)], old.info.fingerprint)
     store.add_entries("no-crop", [NewEntry(vectors[0], 0, None)], old.info.fingerprint)
     store.close()

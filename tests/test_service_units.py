@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from models import load_checkpoint
-from models.preprocess import resize_normalize
+from models import embed, load_checkpoint
+from models.preprocess import resize_normalize, resize_pixels
 from service.batcher import Batcher
 from service.cache import EmbeddingCache
 from service.embedder import StartupError, load_embedder, plan_parallelism, resolve_backend, resolve_device
 from service.errors import ClientError
-from service.imaging import decode_image
+from service.imaging import decode_image, header_pixels
 from service.index import VectorIndex
 from service.schemas import validate_identity
 from service.store import GalleryStore, NewEntry
@@ -71,13 +71,17 @@ def test_onnx_and_torch_backends_agree(tmp_path, trained_like):
     onnx = load_embedder(checkpoint, device="cpu", backend="onnx", data_dir=tmp_path)
     eager = load_embedder(checkpoint, device="cpu", backend="torch", data_dir=tmp_path)
     info = onnx.info
-    batch = np.stack([
-        resize_normalize(person_crop(i, v), info.input_size, info.mean, info.std).numpy() for i in range(4) for v in range(2)
-    ])
-    a, b = onnx.embed(batch), eager.embed(batch)
+    crops = [person_crop(i, v) for i in range(4) for v in range(2)]
+    pixels = np.stack([resize_pixels(c, info.input_size) for c in crops])
+    a, b = onnx.embed(pixels), eager.embed(pixels)
     assert a.shape == (8, info.embedding_dim)
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     assert np.abs(a - b).max() < 1e-4
+    # Both backends normalise the pixels exactly as training's evaluation does.
+    model, _ = load_checkpoint(checkpoint)
+    expected = embed(model, torch.stack([resize_normalize(c, info.input_size, info.mean, info.std) for c in crops]))
+    assert np.abs(a - expected.numpy()).max() < 1e-4
+    assert np.abs(b - expected.numpy()).max() < 1e-5
     # The export is cached under the data dir, keyed by fingerprint, and reused.
     cached = list((tmp_path / "onnx").glob(f"*{info.fingerprint}*.onnx"))
     assert len(cached) == 1
@@ -105,6 +109,12 @@ def test_decode_rejects_truncated_image():
     with pytest.raises(ClientError) as e:
         decode_image(data[: len(data) // 3], filename="cut.jpg", input_size=INPUT, max_pixels=10**6)
     assert e.value.status == 415
+
+
+def test_header_pixels_reads_the_size_without_decoding():
+    assert header_pixels(png(Image.new("RGB", (2000, 1000)))) == 2_000_000
+    assert header_pixels(jpeg(person_crop(0))) == 64 * 128
+    assert header_pixels(b"%PDF-1.4 not a picture") == 0  # decoding it then says why
 
 
 def test_decode_checks_pixels_from_the_header():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
@@ -16,15 +17,21 @@ from service.services import Services
 router = APIRouter(prefix="/query", tags=["query"])
 
 
+@dataclass(frozen=True)
 class QueryParams:
-    def __init__(
-        self,
-        k: Annotated[int, Query(description="how many matches (1..max_k)")] = 10,
-        by: Annotated[Literal["identity", "entry"], Query(description="identity: best entry per identity")] = "identity",
-        camera: Annotated[int | None, Query(description="only entries from this camera")] = None,
-        exclude_camera: Annotated[int | None, Query(description="drop entries from this camera")] = None,
-    ):
-        self.k, self.by, self.camera, self.exclude_camera = k, by, camera, exclude_camera
+    k: int
+    by: Literal["identity", "entry"]
+    camera: int | None
+    exclude_camera: int | None
+
+
+async def query_params(  # async: a plain def dependency would cost a thread-pool round trip
+    k: Annotated[int, Query(description="how many matches (1..max_k)")] = 10,
+    by: Annotated[Literal["identity", "entry"], Query(description="identity: best entry per identity")] = "identity",
+    camera: Annotated[int | None, Query(description="only entries from this camera")] = None,
+    exclude_camera: Annotated[int | None, Query(description="drop entries from this camera")] = None,
+) -> QueryParams:
+    return QueryParams(k, by, camera, exclude_camera)
 
 
 def _check_k(services: Services, params: QueryParams) -> None:
@@ -49,7 +56,7 @@ async def _search(services: Services, vector: np.ndarray, params: QueryParams) -
 @router.get("", response_model=QueryResponse, responses={404: {"model": Error}, 422: {"model": Error}})
 async def query_by_id(
     embedding_id: Annotated[str, Query(description="an id from POST /embed")],
-    params: Annotated[QueryParams, Depends()],
+    params: Annotated[QueryParams, Depends(query_params)],
     services: Annotated[Services, Depends(get_services)],
 ) -> QueryResponse:
     """Rank the gallery against an embedding from POST /embed, best first."""
@@ -62,7 +69,7 @@ async def query_by_id(
 @router.post("", response_model=QueryResponse, responses={413: {"model": Error}, 415: {"model": Error}})
 async def query_by_image(
     image: Annotated[UploadFile, File(description="the crop to look up")],
-    params: Annotated[QueryParams, Depends()],
+    params: Annotated[QueryParams, Depends(query_params)],
     services: Annotated[Services, Depends(get_services)],
 ) -> QueryResponse:
     """Embed a crop and rank the gallery against it in one round trip."""
