@@ -197,7 +197,7 @@ def reembed(settings: Settings) -> int:
         with tqdm(total=stale, desc="re-embedding", unit="entry") as bar:
             while rows := store.stale_entries(info.fingerprint, after_id=after, batch=settings.max_batch_size):
                 after = rows[-1][0]
-                ids, tensors = [], []
+                ids, pixels = [], []
                 for entry_id, crop in rows:
                     if crop is None:
                         impossible.append(entry_id)
@@ -209,11 +209,11 @@ def reembed(settings: Settings) -> int:
                         impossible.append(entry_id)
                         continue
                     ids.append(entry_id)
-                    tensors.append(resize_pixels(image, info.input_size))
-                if tensors:
+                    pixels.append(resize_pixels(image, info.input_size))
+                if pixels:
                     import numpy as np
 
-                    vectors = embedder.embed(np.stack(tensors))
+                    vectors = embedder.embed(np.stack(pixels))
                     store.update_vectors(list(zip(ids, vectors)), info.fingerprint)
                     done += len(ids)
                 bar.update(len(rows))
