@@ -19,14 +19,19 @@ def resize_pixels(image: Image.Image, input_size: Sequence[int]) -> np.ndarray:
     return np.asarray(image)
 
 
+def normalize_constants(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset), float32 per channel: (x/255 - mean) / std == x * scale - offset. Every
+    backend normalises with these, so all compute the same float32 values."""
+    std_ = np.asarray(std, dtype=np.float32)
+    return 1.0 / (255.0 * std_), np.asarray(mean, dtype=np.float32) / std_
+
+
 def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """... x H x W x 3 uint8 -> ... x 3 x H x W float32, (x/255 - mean) / std.
 
     Works on one image or a batch; the result is a channels-first view of a fresh array
     (np.ascontiguousarray where a backend needs contiguous memory)."""
-    std_ = np.asarray(std, dtype=np.float32)
-    scale = 1.0 / (255.0 * std_)
-    offset = np.asarray(mean, dtype=np.float32) / std_
+    scale, offset = normalize_constants(mean, std)
     x = np.asarray(pixels).astype(np.float32)  # a fresh, writable array
     x *= scale
     x -= offset

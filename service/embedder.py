@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models import CheckpointInfo, load_checkpoint
-from models.preprocess import normalize_pixels
+from models.preprocess import normalize_constants, normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,9 @@ def _torch_runner(model: torch.nn.Module, info: CheckpointInfo, device: str):
     if half:
         model = model.half()
     model = model.to(device).eval()
-    std = torch.tensor(info.std, dtype=torch.float32)
-    # The same float32 arithmetic as models.preprocess.normalize_pixels.
-    scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(device)
-    offset = (torch.tensor(info.mean, dtype=torch.float32) / std).view(1, 3, 1, 1).to(device)
+    scale, offset = (
+        torch.from_numpy(c).view(1, 3, 1, 1).to(device) for c in normalize_constants(info.mean, info.std)
+    )
 
     @torch.inference_mode()
     def run(pixels: np.ndarray) -> np.ndarray:
