@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from collections import deque
 from concurrent.futures import Future
@@ -16,12 +15,9 @@ from tqdm import tqdm
 from models import CheckpointError
 from service.embedder import StartupError
 from service.settings import Settings
+from service.store import StoreError
 
 log = logging.getLogger("service")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")  # "0002_c1s1_000451_03.jpg": person 0002, camera 1
-SKIPPED_PIDS = {-1, 0}  # junk and distractors are not identities
 
 
 class CliError(Exception):
@@ -49,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("folder", type=Path, help="images named PPPP_cC...: identity PPPP, camera C")
     imp.add_argument("--if-empty", action="store_true", default=False, help="do nothing when the gallery already has entries")
     imp.add_argument("--max-identities", type=int, default=None, help="enrol only the first N identities")
+    vec = sub.add_parser(
+        "import-vectors", parents=[common],
+        help="enrol precomputed embeddings: a .npz with identity (N strings), vector (N x D), optional camera (N ints, -1 none)",
+    )
+    vec.add_argument("file", type=Path, help=".npz file made with the serving checkpoint's model")
+    vec.add_argument("--chunk-size", type=int, default=10_000, help="rows per transaction (default 10000)")
     sub.add_parser("reembed", parents=[common], help="re-embed stored crops made under another model")
     return parser
 
@@ -95,6 +97,8 @@ def serve(settings: Settings) -> None:
 
 def _market_files(folder: Path) -> tuple[dict[str, list[tuple[Path, int]]], int]:
     """identity -> [(path, camera)], and how many files were skipped (junk, distractors, other names)."""
+    from models.market1501 import IMAGE_SUFFIXES, is_identity, parse_name
+
     if not folder.is_dir():
         raise CliError(f"{folder}: no such folder")
     groups: dict[str, list[tuple[Path, int]]] = {}
@@ -102,20 +106,19 @@ def _market_files(folder: Path) -> tuple[dict[str, list[tuple[Path, int]]], int]
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        match = MARKET_NAME.match(path.name)
-        if not match or int(match.group(1)) in SKIPPED_PIDS:
+        parsed = parse_name(path.name)
+        if parsed is None or not is_identity(parsed[0]):
             skipped += 1
             continue
-        identity = path.name.split("_", 1)[0]
-        groups.setdefault(identity, []).append((path, int(match.group(2))))
+        identity = path.name.split("_", 1)[0]  # as written: "0002" stays "0002"
+        groups.setdefault(identity, []).append((path, parsed[1]))
     return groups, skipped
 
 
 def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identities: int | None) -> None:
-    from models.preprocess import resize_pixels
     from service.batcher import Batcher
     from service.errors import ClientError
-    from service.imaging import decode_image
+    from service.imaging import prepare_image
     from service.services import load_model, open_store
     from service.store import NewEntry
 
@@ -124,7 +127,7 @@ def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identiti
         raise CliError(f"{folder}: no images named like Market-1501 crops (PPPP_cC...jpg) with a person id > 0")
     store = open_store(settings)
     try:
-        if if_empty and (n := store.count_entries()):
+        if if_empty and (n := sum(store.counts_by_fingerprint().values())):
             print(f"gallery already has {n} entries: nothing imported (--if-empty)")
             return
         identities = sorted(groups)[:max_identities] if max_identities else sorted(groups)
@@ -147,7 +150,7 @@ def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identiti
                 cameras, crops, futures = [], [], []
                 for path, camera in groups[identity]:
                     try:
-                        decoded = decode_image(
+                        prepared = prepare_image(
                             path.read_bytes(), filename=str(path), input_size=info.input_size,
                             max_pixels=settings.max_image_pixels, keep_crop=settings.store_crops,
                         )
@@ -155,10 +158,9 @@ def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identiti
                         tqdm.write(f"skipped {path}: {getattr(e, 'detail', e)}")
                         bad += 1
                         continue
-                    pixels = resize_pixels(decoded.image, info.input_size)
-                    futures.append(batcher.submit(pixels))  # decoding the next ones overlaps the model
+                    futures.append(batcher.submit(prepared.pixels))  # decoding the next ones overlaps the model
                     cameras.append(camera)
-                    crops.append(decoded.crop_jpeg)
+                    crops.append(prepared.crop_jpeg)
                 if futures:
                     pending.append((identity, cameras, crops, futures))
                 while len(pending) > 2:
@@ -169,27 +171,60 @@ def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identiti
             batcher.close()
         print(
             f"imported {enrolled} entries for {len(identities)} identities from {folder}"
-            f" ({skipped} files skipped by name, {bad} unreadable); restart a running service to search them"
+            f" ({skipped} files skipped by name, {bad} unreadable); a running service picks them up by itself"
         )
     finally:
         store.close()
+
+
+# -- import-vectors -----------------------------------------------------------------------
+
+
+def import_vector_file(settings: Settings, path: Path, chunk_rows: int) -> None:
+    from models.checkpoint import read_checkpoint_info
+    from service.services import open_store
+    from service.vector_import import VectorFileError, import_vectors, read_vector_file
+
+    if settings.checkpoint is None:
+        raise CliError("no checkpoint given: pass --checkpoint FILE or set REID_CHECKPOINT (the model that made the vectors)")
+    if chunk_rows < 1:
+        raise CliError("--chunk-size must be at least 1")
+    info = read_checkpoint_info(settings.checkpoint)
+    try:
+        data = read_vector_file(path, info.embedding_dim)
+    except VectorFileError as e:
+        raise CliError(str(e)) from None
+    store = open_store(settings)
+    try:
+        with tqdm(total=len(data.identities), desc="importing vectors", unit="vector") as bar:
+            bar.update(store.import_progress(f"vectors:{data.digest}:{info.fingerprint}"))
+            before, written = import_vectors(store, data, info.fingerprint, chunk_rows, on_chunk=bar.update)
+    finally:
+        store.close()
+    resumed = f" ({before} were already in from an earlier run)" if before else ""
+    print(
+        f"imported {written} vectors for {len(set(data.identities))} identities from {path} under model"
+        f" {info.model_name}{resumed}; a running service picks them up by itself"
+    )
 
 
 # -- reembed ------------------------------------------------------------------------------
 
 
 def reembed(settings: Settings) -> int:
-    from models.preprocess import resize_pixels
+    import numpy as np
+
     from service.errors import ClientError
-    from service.imaging import decode_image
+    from service.imaging import prepare_image
     from service.services import load_model, open_store
+    from service.store import stale_count
 
     store = open_store(settings)
     try:
         # One batch at a time here: all cores on the one pass unless the operator said otherwise.
         embedder = load_model(settings.model_copy(update={"model_workers": settings.model_workers or 1}))
         info = embedder.info
-        stale = sum(n for fp, n in store.counts_by_fingerprint().items() if fp != info.fingerprint)
+        stale = stale_count(store.counts_by_fingerprint(), info.fingerprint)
         if not stale:
             print(f"all entries already use model {info.model_name}: nothing to re-embed")
             return 0
@@ -199,25 +234,19 @@ def reembed(settings: Settings) -> int:
                 after = rows[-1][0]
                 ids, pixels = [], []
                 for entry_id, crop in rows:
-                    if crop is None:
-                        impossible.append(entry_id)
-                        continue
                     try:
-                        image = decode_image(crop, filename=f"entry {entry_id}", input_size=info.input_size,
-                                             max_pixels=settings.max_image_pixels).image
+                        if crop is None:
+                            raise ClientError(422, "no_crop", "no stored crop")
+                        pixels.append(prepare_image(crop, filename=f"entry {entry_id}", input_size=info.input_size,
+                                                    max_pixels=settings.max_image_pixels).pixels)
+                        ids.append(entry_id)
                     except ClientError:
                         impossible.append(entry_id)
-                        continue
-                    ids.append(entry_id)
-                    pixels.append(resize_pixels(image, info.input_size))
                 if pixels:
-                    import numpy as np
-
-                    vectors = embedder.embed(np.stack(pixels))
-                    store.update_vectors(list(zip(ids, vectors)), info.fingerprint)
+                    store.update_vectors(list(zip(ids, embedder.embed(np.stack(pixels)))), info.fingerprint)
                     done += len(ids)
                 bar.update(len(rows))
-        print(f"re-embedded {done} entries with model {info.model_name}; restart a running service to search them")
+        print(f"re-embedded {done} entries with model {info.model_name}; a running service picks them up by itself")
         if impossible:
             shown = ", ".join(map(str, impossible[:10])) + (" ..." if len(impossible) > 10 else "")
             print(
@@ -239,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         command = getattr(args, "command", None)
         if command == "import":
             import_folder(settings, args.folder, args.if_empty, args.max_identities)
+        elif command == "import-vectors":
+            import_vector_file(settings, args.file, args.chunk_size)
         elif command == "reembed":
             return reembed(settings)
         else:
             serve(settings)
-    except (CliError, CheckpointError, StartupError) as e:
+    except (CliError, CheckpointError, StartupError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

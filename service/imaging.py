@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.preprocess import resize_pixels
 from service.errors import ClientError
 
 # Crops kept for reembed are capped at this size: ample for either architecture's input.
@@ -85,3 +89,23 @@ def crop_jpeg(original: bytes, original_size: tuple[int, int], image: Image.Imag
     out = io.BytesIO()
     small.save(out, format="JPEG", quality=CROP_JPEG_QUALITY)
     return out.getvalue()
+
+
+@dataclass
+class PreparedImage:
+    pixels: np.ndarray  # H x W x 3 uint8 at the model's input size: what the batcher takes
+    crop_jpeg: bytes | None
+    decode_s: float
+    resize_s: float
+
+
+def prepare_image(
+    data: bytes, *, filename: str, input_size: Sequence[int], max_pixels: int, keep_crop: bool = False
+) -> PreparedImage:
+    """Upload bytes -> model-ready pixels (and the crop to store): the one way every path
+    (HTTP uploads, `import`, `reembed`) turns an image into model input."""
+    t0 = time.perf_counter()
+    decoded = decode_image(data, filename=filename, input_size=input_size, max_pixels=max_pixels, keep_crop=keep_crop)
+    t1 = time.perf_counter()
+    pixels = resize_pixels(decoded.image, input_size)
+    return PreparedImage(pixels, decoded.crop_jpeg, t1 - t0, time.perf_counter() - t1)

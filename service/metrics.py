@@ -26,10 +26,23 @@ class Metrics:
         self.gallery_entries = Gauge("reid_gallery_entries", "Entries searchable under the current model", registry=r)
         self.gallery_identities = Gauge("reid_gallery_identities", "Identities searchable under the current model", registry=r)
         self.stale_entries = Gauge("reid_gallery_stale_entries", "Entries made by another model, excluded from search", registry=r)
+        self.gallery_position = Gauge("reid_gallery_log_position", "Gallery change-log position the index covers", registry=r)
+        self.index_info = Info("reid_index", "The index kind in use (it changes when the gallery outgrows it)", registry=r)
+        self.follow_errors = Counter(
+            "reid_gallery_follow_errors", "Rounds of following the gallery log (or rebuilding the index) that failed", registry=r
+        )
         self.errors = Counter("reid_errors", "Requests refused or failed, by kind", ["kind"], registry=r)
         self.model_info = Info("reid_model", "The model being served", registry=r)
         for stage in STAGES:  # export every series from the start, at zero
             self.stage_duration.labels(stage)
+
+    def observe_gallery(self, stats) -> None:
+        """Gallery.on_change: the gauges follow every applied change, whoever made it."""
+        self.gallery_entries.set(stats.entries)
+        self.gallery_identities.set(stats.identities)
+        self.stale_entries.set(stats.stale_entries)
+        self.gallery_position.set(stats.position)
+        self.index_info.info({"kind": stats.index_kind})
 
     def observe_batch(self, size: int, inference_s: float, queue_waits: list[float]) -> None:
         self.batch_size.observe(size)

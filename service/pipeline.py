@@ -3,16 +3,14 @@ images on a worker thread), batch-embed."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from models.preprocess import resize_pixels
 from service.errors import ClientError
-from service.imaging import decode_image, header_pixels
+from service.imaging import header_pixels, prepare_image
 from service.services import Services
 
 CHUNK = 64 * 1024
@@ -48,17 +46,14 @@ def _prepare(services: Services, uploads: list[Upload], keep_crops: bool) -> tup
     info, settings, stage = services.embedder.info, services.settings, services.metrics.stage_duration
     arrays, crops = [], []
     for upload in uploads:
-        t0 = time.perf_counter()
-        decoded = decode_image(
+        prepared = prepare_image(
             upload.data, filename=upload.filename, input_size=info.input_size,
             max_pixels=settings.max_image_pixels, keep_crop=keep_crops,
         )
-        t1 = time.perf_counter()
-        arrays.append(resize_pixels(decoded.image, info.input_size))
-        t2 = time.perf_counter()
-        stage.labels("decode").observe(t1 - t0)
-        stage.labels("preprocess").observe(t2 - t1)
-        crops.append(decoded.crop_jpeg)
+        stage.labels("decode").observe(prepared.decode_s)
+        stage.labels("preprocess").observe(prepared.resize_s)
+        arrays.append(prepared.pixels)
+        crops.append(prepared.crop_jpeg)
     return arrays, crops
 
 

@@ -110,3 +110,5 @@ class Readiness(BaseModel):
     gallery_size: int | None = None
     identities: int | None = None
     stale_entries: int | None = None
+    log_position: int | None = Field(None, description="gallery change-log position the index covers")
+    index: str | None = Field(None, description="index kind in use: flat (exact), ivf or hnsw (approximate)")

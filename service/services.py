@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import faiss
 
 from service.batcher import Batcher
 from service.cache import EmbeddingCache
-from service.embedder import Embedder, load_embedder
+from service.embedder import Embedder, StartupError, load_embedder
+from service.follower import Follower, FollowPolicy
 from service.gallery import Gallery
-from service.index import VectorIndex
+from service.index import IndexPlanSettings, SearchSettings
 from service.metrics import Metrics
 from service.settings import Settings
+from service.sqlite_store import SQLiteStore
 from service.store import GalleryStore
 
 log = logging.getLogger(__name__)
 
 STORE_FILE = "gallery.sqlite3"
+SNAPSHOT_DIR = "index"
 
 
 @dataclass
@@ -27,27 +31,38 @@ class Services:
     embedder: Embedder
     batcher: Batcher
     gallery: Gallery
+    follower: Follower
     cache: EmbeddingCache
     metrics: Metrics
 
-    def refresh_gauges(self) -> None:
-        self.metrics.gallery_entries.set(self.gallery.size)
-        self.metrics.gallery_identities.set(self.gallery.index.identity_count)
-        self.metrics.stale_entries.set(self.gallery.stale_entries)
-
     def close(self) -> None:
+        """Stop following, snapshot what changed since the last snapshot, close everything."""
         self.batcher.close()
+        self.follower.stop()
+        try:
+            self.gallery.snapshot()
+        except Exception as e:  # the next start rebuilds or replays: nothing is lost
+            log.warning("index snapshot at shutdown failed: %s", e)
         self.gallery.store.close()
 
 
 def open_store(settings: Settings) -> GalleryStore:
-    return GalleryStore(settings.data_dir / STORE_FILE)
+    return SQLiteStore(settings.data_dir / STORE_FILE)
+
+
+def index_plan(settings: Settings) -> IndexPlanSettings:
+    return IndexPlanSettings(
+        setting=settings.index, exact_max_entries=settings.index_exact_max_entries, hnsw_m=settings.hnsw_m,
+        hnsw_ef_construction=settings.hnsw_ef_construction, ivf_lists=settings.ivf_lists, storage=settings.index_storage,
+    )
+
+
+def search_settings(settings: Settings) -> SearchSettings:
+    return SearchSettings(hnsw_ef_search=settings.hnsw_ef_search, ivf_nprobe=settings.ivf_nprobe)
 
 
 def load_model(settings: Settings) -> Embedder:
     if settings.checkpoint is None:
-        from service.embedder import StartupError
-
         raise StartupError("no checkpoint given: pass --checkpoint FILE or set REID_CHECKPOINT")
     return load_embedder(
         settings.checkpoint, device=settings.device, backend=settings.backend,
@@ -55,26 +70,38 @@ def load_model(settings: Settings) -> Embedder:
     )
 
 
+def open_gallery(settings: Settings, store: GalleryStore, fingerprint: str, dim: int, metrics: Metrics) -> Gallery:
+    """Load or build the index; all cores for that (nothing is searching yet), then one thread
+    per search: OpenMP fan-out for a single query costs more in spin-waiting than it saves,
+    and steals the cores the model is using (10x slower when busy)."""
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    try:
+        return Gallery.open(
+            store, fingerprint=fingerprint, dim=dim, plan=index_plan(settings), search=search_settings(settings),
+            snapshot_dir=settings.data_dir / SNAPSHOT_DIR, on_change=metrics.observe_gallery,
+        )
+    finally:
+        faiss.omp_set_num_threads(settings.search_threads)
+
+
 def build_services(settings: Settings, metrics: Metrics) -> Services:
-    """Load the model, open the store, build the index: the slow part of start-up."""
+    """Load the model, open the store, load or build the index: the slow part of start-up."""
     embedder = load_model(settings)
     info = embedder.info
     metrics.model_info.info(
         {"arch": info.arch, "fingerprint": info.fingerprint, "backend": embedder.backend, "device": embedder.device}
     )
     store = open_store(settings)
-    # One query scans the index on one thread: OpenMP fan-out for a single query costs more in
-    # spin-waiting than it saves, and steals the cores the model is using (10x slower when busy).
-    faiss.omp_set_num_threads(settings.search_threads)
-    index = VectorIndex(info.embedding_dim, settings.index, settings.hnsw_m, settings.hnsw_ef_search)
-    gallery = Gallery(store, index, info.fingerprint)
-    report = gallery.load()
-    log.info("gallery: %d entries indexed (%s), %d stale", report.indexed, settings.index, report.stale)
+    gallery = open_gallery(settings, store, info.fingerprint, info.embedding_dim, metrics)
+    metrics.observe_gallery(gallery.stats)
+    policy = FollowPolicy(
+        interval_s=settings.follow_interval_s, snapshot_every_changes=settings.snapshot_every_changes,
+        snapshot_every_s=settings.snapshot_every_s,
+    )
+    follower = Follower(gallery, policy, on_error=lambda e: metrics.follow_errors.inc()).start()
     batcher = Batcher(
         embedder.embed, max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000.0, workers=embedder.workers, on_batch=metrics.observe_batch,
     )
-    services = Services(settings, embedder, batcher, gallery, EmbeddingCache(
-        settings.embedding_cache_size, settings.embedding_cache_ttl_s), metrics)
-    services.refresh_gauges()
-    return services
+    cache = EmbeddingCache(settings.embedding_cache_size, settings.embedding_cache_ttl_s)
+    return Services(settings, embedder, batcher, gallery, follower, cache, metrics)

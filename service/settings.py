@@ -36,9 +36,23 @@ class Settings(BaseSettings):
     embedding_cache_ttl_s: float = Field(600.0, gt=0, description="how long an /embed id stays valid")
     api_key: str | None = Field(None, description="when set, X-API-Key needed on POST/DELETE /gallery")
     store_crops: bool = Field(True, description="keep enrolled crops (for GET /crops and reembed)")
-    index: Literal["flat", "hnsw"] = Field("flat", description="flat: exact; hnsw: approximate")
+    index: Literal["auto", "flat", "hnsw", "ivf"] = Field(
+        "auto", description="auto: exact up to index_exact_max_entries, IVF above; flat: exact; hnsw, ivf: approximate"
+    )
+    index_exact_max_entries: int = Field(
+        100_000, ge=0, description="auto: largest gallery searched exactly (docs/gallery.md: where exact search passes 10 ms)"
+    )
+    index_storage: Literal["flat", "sq8"] = Field(
+        "flat", description="approximate kinds: full vectors, or 8-bit codes with an exact re-score of the shortlist"
+    )
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW graph degree")
+    hnsw_ef_construction: int = Field(80, ge=8, description="HNSW build breadth")
     hnsw_ef_search: int = Field(128, ge=8, description="HNSW search breadth")
+    ivf_lists: int = Field(0, ge=0, description="IVF cells (0: about 4 sqrt(entries), a power of two)")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF cells searched per query")
+    snapshot_every_changes: int = Field(10_000, ge=1, description="snapshot the index after this many changes")
+    snapshot_every_s: float = Field(300.0, gt=0, description="... or this long after the last snapshot, if anything changed")
+    follow_interval_s: float = Field(0.25, gt=0, le=60, description="longest wait between looks at the gallery log")
     max_k: int = Field(1000, ge=1, description="largest k a query may ask for")
     model_workers: int = Field(
         0, ge=0, le=64, description="forward passes run side by side (0: one per core with ONNX Runtime, else 1)"

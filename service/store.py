@@ -1,42 +1,29 @@
-"""The gallery's source of truth: SQLite in WAL mode under the data directory.
+"""The gallery's source of truth, seen as a change log: the interface every store backend keeps.
 
-Durability: journal_mode=WAL with synchronous=FULL. In WAL mode NORMAL already survives a
-killed process (the WAL is in the OS page cache), but a power loss can drop the last
-commits; FULL fsyncs the WAL at every commit, so a 201 from POST /gallery means the
-enrollment is on stable storage. The cost is one fsync per enrollment, which is small next
-to embedding the images. An enrollment is one transaction: all its entries or none.
+A store holds identities and entries (vector, camera, model fingerprint, optional crop) and,
+written in the same transaction as every mutation, one *change* per entry touched: its
+position (an integer that only grows, assigned in commit order) and the entry id. A change
+does not carry the entry's data: a follower reads the entry's state *now* (present, and
+then its vector, identity, camera and fingerprint; or gone). Applying a change is therefore
+idempotent, and a follower that has applied every change up to position P has the state
+the store had at P or later. docs/gallery.md explains why nothing can be skipped or applied
+twice.
+
+``service.sqlite_store.SQLiteStore`` is the embedded backend. A second backend plugs in by
+implementing ``GalleryStore``.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS identities (
-    id          INTEGER PRIMARY KEY,
-    name        TEXT NOT NULL UNIQUE,
-    created_at  REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS entries (
-    id                 INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: FAISS ids, crop URLs stay valid
-    identity_id        INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
-    camera             INTEGER,
-    created_at         REAL NOT NULL,
-    model_fingerprint  TEXT NOT NULL,
-    dim                INTEGER NOT NULL,
-    vector             BLOB NOT NULL,  -- float32, little-endian, L2-normalised
-    crop               BLOB            -- JPEG bytes, NULL when crops are not kept
-);
-CREATE INDEX IF NOT EXISTS entries_identity ON entries(identity_id);
-CREATE INDEX IF NOT EXISTS entries_fingerprint ON entries(model_fingerprint);
-"""
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked (unreachable, damaged, wrong schema); one-line reason."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +43,107 @@ class EntryRow:
     has_crop: bool
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a committed mutation did: the entries it touched and the log position it reached."""
+
+    entry_ids: list[int]
+    position: int
+    rows: list[EntryRow] | None = None  # the new entries, for an enrollment
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """An entry as it is now, for a follower applying a change."""
+
+    entry_id: int
+    identity_id: int
+    identity: str
+    camera: int | None
+    fingerprint: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class ChangeBatch:
+    """Changes (last_position - k, last_position], each resolved to the entry's current state."""
+
+    last_position: int
+    present: list[EntryState]  # entries that exist now (each once)
+    gone: list[int]  # entry ids that no longer exist
+
+    def __len__(self) -> int:
+        return len(self.present) + len(self.gone)
+
+
+@dataclass(frozen=True)
+class ScanBatch:
+    """A batch of a consistent scan of one embedding space: parallel arrays, N x D vectors."""
+
+    entry_ids: np.ndarray
+    identity_ids: np.ndarray
+    identities: list[str]
+    cameras: list[int | None]
+    vectors: np.ndarray
+
+
+class GalleryStore(Protocol):
+    """The interface the gallery, the follower and the CLI use; one implementation per backend."""
+
+    @property
+    def store_id(self) -> str:
+        """A random id made when the store was created: a snapshot of another store is foreign."""
+
+    # -- writes: each one transaction, committed durably before returning, with its changes --
+
+    def add_entries(self, identity: str, entries: list[NewEntry], fingerprint: str) -> Written: ...
+
+    def add_groups(
+        self, groups: list[tuple[str, list[NewEntry]]], fingerprint: str, progress: tuple[str, int] | None = None
+    ) -> Written:
+        """Several identities' entries in one transaction (bulk import). ``progress=(key, rows)``
+        records, in the same transaction, that the import ``key`` has written ``rows`` rows."""
+
+    def delete_identity(self, identity: str) -> Written | None: ...
+
+    def update_vectors(self, updates: list[tuple[int, np.ndarray]], fingerprint: str) -> Written: ...
+
+    # -- the log --
+
+    def head(self) -> int:
+        """The position of the last committed change (0 for an empty log)."""
+
+    def changes_after(self, position: int, limit: int) -> ChangeBatch:
+        """The next ``limit`` changes after ``position``, in position order, resolved to the
+        entries' current state."""
+
+    def scan(self, fingerprint: str, batch: int = 10_000) -> tuple[int, Iterator[ScanBatch]]:
+        """(position P, the entries of one embedding space exactly as they were at P)."""
+
+    def wait_for_change(self, after: int, timeout: float) -> None:
+        """Return when the head may have passed ``after``, or after ``timeout`` seconds."""
+
+    def import_progress(self, key: str) -> int:
+        """Rows an import ``key`` has committed so far (0 if never started)."""
+
+    # -- reads --
+
+    def counts_by_fingerprint(self) -> dict[str, int]: ...
+
+    def count_identities(self) -> int: ...
+
+    def list_identities(self, offset: int, limit: int) -> list[tuple[str, int]]: ...
+
+    def identity_entries(self, identity: str) -> list[EntryRow] | None: ...
+
+    def crop(self, entry_id: int) -> bytes | None: ...
+
+    def stale_entries(self, fingerprint: str, after_id: int = 0, batch: int = 256) -> list[tuple[int, bytes | None]]:
+        """Entries made under another fingerprint: (entry_id, crop or None), in id order."""
+
+    def close(self) -> None: ...
+
+
 def vector_to_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
@@ -64,144 +152,6 @@ def blob_to_vector(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4")
 
 
-class GalleryStore:
-    """Thread-safe: one connection, one lock; every write is an explicit transaction."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    # -- writes -------------------------------------------------------------------------
-
-    def add_entries(self, identity: str, entries: list[NewEntry], fingerprint: str) -> list[EntryRow]:
-        """Enrol entries under an identity (created if new) in one committed transaction."""
-        now = time.time()
-        rows = []
-        with self._lock:
-            cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute("INSERT OR IGNORE INTO identities(name, created_at) VALUES (?, ?)", (identity, now))
-                (identity_id,) = cur.execute("SELECT id FROM identities WHERE name = ?", (identity,)).fetchone()
-                for entry in entries:
-                    cur.execute(
-                        "INSERT INTO entries(identity_id, camera, created_at, model_fingerprint, dim, vector, crop)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (identity_id, entry.camera, now, fingerprint, int(entry.vector.shape[0]),
-                         vector_to_blob(entry.vector), entry.crop),
-                    )
-                    rows.append(EntryRow(cur.lastrowid, identity, entry.camera, now, fingerprint, entry.crop is not None))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        return rows
-
-    def delete_identity(self, identity: str) -> list[int] | None:
-        """Delete an identity and its entries; their ids, or None if it does not exist."""
-        with self._lock:
-            cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                row = cur.execute("SELECT id FROM identities WHERE name = ?", (identity,)).fetchone()
-                if row is None:
-                    cur.execute("ROLLBACK")
-                    return None
-                ids = [r[0] for r in cur.execute("SELECT id FROM entries WHERE identity_id = ?", row)]
-                cur.execute("DELETE FROM entries WHERE identity_id = ?", row)
-                cur.execute("DELETE FROM identities WHERE id = ?", row)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        return ids
-
-    def update_vectors(self, updates: list[tuple[int, np.ndarray]], fingerprint: str) -> None:
-        """Replace vectors (reembed) in one transaction."""
-        with self._lock:
-            cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.executemany(
-                    "UPDATE entries SET vector = ?, dim = ?, model_fingerprint = ? WHERE id = ?",
-                    [(vector_to_blob(v), int(v.shape[0]), fingerprint, entry_id) for entry_id, v in updates],
-                )
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-
-    # -- reads --------------------------------------------------------------------------
-
-    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
-
-    def count_identities(self) -> int:
-        return self._query("SELECT COUNT(*) FROM identities")[0][0]
-
-    def count_entries(self) -> int:
-        return self._query("SELECT COUNT(*) FROM entries")[0][0]
-
-    def counts_by_fingerprint(self) -> dict[str, int]:
-        return dict(self._query("SELECT model_fingerprint, COUNT(*) FROM entries GROUP BY model_fingerprint"))
-
-    def list_identities(self, offset: int, limit: int) -> list[tuple[str, int]]:
-        return self._query(
-            "SELECT i.name, COUNT(e.id) FROM identities i LEFT JOIN entries e ON e.identity_id = i.id"
-            " GROUP BY i.id ORDER BY i.name LIMIT ? OFFSET ?",
-            (limit, offset),
-        )
-
-    def identity_entries(self, identity: str) -> list[EntryRow] | None:
-        if not self._query("SELECT 1 FROM identities WHERE name = ?", (identity,)):
-            return None
-        rows = self._query(
-            "SELECT e.id, e.camera, e.created_at, e.model_fingerprint, e.crop IS NOT NULL"
-            " FROM entries e JOIN identities i ON e.identity_id = i.id WHERE i.name = ? ORDER BY e.id",
-            (identity,),
-        )
-        return [EntryRow(r[0], identity, r[1], r[2], r[3], bool(r[4])) for r in rows]
-
-    def crop(self, entry_id: int) -> bytes | None:
-        rows = self._query("SELECT crop FROM entries WHERE id = ?", (entry_id,))
-        return rows[0][0] if rows else None
-
-    def iter_vectors(
-        self, fingerprint: str, batch: int = 10_000
-    ) -> Iterator[tuple[np.ndarray, list[str], list[int | None], np.ndarray]]:
-        """Entries of one embedding space, in id order: (ids, identities, cameras, N x D vectors)."""
-        last = 0
-        while True:
-            rows = self._query(
-                "SELECT e.id, i.name, e.camera, e.vector FROM entries e JOIN identities i ON e.identity_id = i.id"
-                " WHERE e.model_fingerprint = ? AND e.id > ? ORDER BY e.id LIMIT ?",
-                (fingerprint, last, batch),
-            )
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield (
-                np.array([r[0] for r in rows], dtype=np.int64),
-                [r[1] for r in rows],
-                [r[2] for r in rows],
-                np.stack([blob_to_vector(r[3]) for r in rows]),
-            )
-
-    def stale_entries(self, fingerprint: str, after_id: int = 0, batch: int = 256) -> list[tuple[int, bytes | None]]:
-        """Entries made under another fingerprint: (entry_id, crop or None), in id order."""
-        return self._query(
-            "SELECT id, crop FROM entries WHERE model_fingerprint != ? AND id > ? ORDER BY id LIMIT ?",
-            (fingerprint, after_id, batch),
-        )
+def stale_count(counts: dict[str, int], fingerprint: str) -> int:
+    """Entries made under any other model than ``fingerprint``: the one definition of 'stale'."""
+    return sum(n for fp, n in counts.items() if fp != fingerprint)

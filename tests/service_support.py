@@ -103,7 +103,7 @@ class ServiceProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--checkpoint", str(self.checkpoint), "--data-dir", str(self.data_dir),
-             "--port", str(self.port), "--log-level", "warning"],
+             "--port", str(self.port), "--log-level", self.env.get("REID_LOG_LEVEL", "warning")],
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -6,10 +6,12 @@ kill -9 in the middle of enrollments, stale-model entries and reembed, import, p
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,8 @@ from PIL import ImageEnhance, ImageOps
 
 from service.embedder import load_embedder
 from service.imaging import decode_image
-from service.store import GalleryStore, NewEntry
+from service.sqlite_store import SQLiteStore
+from service.store import NewEntry
 from models.preprocess import resize_pixels
 from tests.service_support import ServiceProcess, files, jpeg, make_checkpoint, person_crop, run_cli, seed_onnx_cache
 
@@ -199,7 +202,7 @@ def test_kill_9_loses_nothing_acknowledged(workdir):
             w.join()
     assert not refused
 
-    store = GalleryStore(data / "gallery.sqlite3")
+    store = SQLiteStore(data / "gallery.sqlite3")
     stored = dict(store.list_identities(0, 100_000))
     store.close()
     for identity, count in acked.items():
@@ -214,7 +217,7 @@ def test_stale_model_entries_are_excluded_until_reembedded(workdir):
     """Entries written under model A, served with model B: kept out, then fixed by reembed."""
     data = new_data_dir(workdir, "stale")
     old = load_embedder(workdir / "a.safetensors", device="cpu", backend="onnx", data_dir=data)
-    store = GalleryStore(data / "gallery.sqlite3")
+    store = SQLiteStore(data / "gallery.sqlite3")
     for person in range(4):
         crops = [jpeg(person_crop(person, v)) for v in range(2)]
         images = [decode_image(c, filename="x", input_size=old.info.input_size, max_pixels=10**6).image for c in crops]
@@ -257,7 +260,7 @@ def test_import_enrols_a_market1501_folder(workdir):
 
     result = run_cli("import", str(folder), "--max-identities", "2", env=env)
     assert result.returncode == 0, result.stderr
-    store = GalleryStore(data / "gallery.sqlite3")
+    store = SQLiteStore(data / "gallery.sqlite3")
     assert dict(store.list_identities(0, 100)) == {"0001": 2, "0002": 2}
     assert sorted(e.camera for e in store.identity_entries("0002")) == [1, 2]
     store.close()
@@ -279,3 +282,68 @@ def test_bad_checkpoint_stops_startup_with_one_line(workdir, content):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0]
+
+
+def wait_for_top(client: httpx.Client, image_bytes: bytes, identity: str, timeout: float = 5.0) -> float:
+    """Seconds until a query's best match is ``identity`` (fails after ``timeout``)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        matches = top(client, image_bytes, k=1)
+        if matches and matches[0]["identity"] == identity:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"{identity} not searchable after {timeout} s")
+
+
+def test_imports_by_another_process_become_searchable_without_restart(server, workdir):
+    env = {"REID_DATA_DIR": str(server.data_dir), "REID_CHECKPOINT": str(server.checkpoint)}
+    folder = workdir / "late-market" / "bounding_box_test"
+    folder.mkdir(parents=True)
+    for cam in (1, 2):
+        person_crop(6, cam).save(folder / f"0042_c{cam}s1_000{cam}01_00.jpg")
+    with server.client() as c:
+        result = run_cli("import", str(folder), env=env)
+        assert result.returncode == 0, result.stderr
+        assert wait_for_top(c, jpeg(person_crop(6, 3)), "0042") < 2.0
+
+        # Embeddings made elsewhere (a GPU batch job) with the serving model.
+        embedder = load_embedder(server.checkpoint, device="cpu", backend="onnx", data_dir=server.data_dir)
+        crops = [resize_pixels(person_crop(7, v), embedder.info.input_size) for v in range(3)]
+        vectors = embedder.embed(np.stack(crops)) * 3.0  # not unit length: the import normalises
+        npz = workdir / "late.npz"
+        np.savez(npz, identity=np.array(["batch-job"] * 3), vector=vectors, camera=np.array([4, -1, 4]))
+        result = run_cli("import-vectors", str(npz), env=env)
+        assert result.returncode == 0, result.stderr
+        assert "imported 3 vectors for 1 identities" in result.stdout
+        assert wait_for_top(c, jpeg(person_crop(7, 5)), "batch-job") < 2.0
+        entries = c.get("/gallery/batch-job").json()["entries"]
+        assert [e["camera"] for e in entries] == [4, None, 4] and not any(e["has_crop"] for e in entries)
+        assert c.delete("/gallery/batch-job").status_code == 204
+        assert c.delete("/gallery/0042").status_code == 204
+
+
+def test_import_vectors_refuses_a_bad_file_with_one_line_and_writes_nothing(workdir):
+    data = new_data_dir(workdir, "bad-vectors")
+    env = {"REID_DATA_DIR": str(data), "REID_CHECKPOINT": str(workdir / "a.safetensors")}
+    npz = workdir / "wrong-dim.npz"
+    np.savez(npz, identity=np.array(["x", "y"]), vector=np.ones((2, 7), np.float32))
+    result = run_cli("import-vectors", str(npz), env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "N x 1024" in line
+    assert not (data / "gallery.sqlite3").exists()
+
+
+def test_clean_shutdown_leaves_a_snapshot_that_the_next_start_uses(workdir):
+    data = new_data_dir(workdir, "snapshot")
+    with ServiceProcess(workdir / "a.safetensors", data) as service, service.client() as c:
+        for person in range(3):
+            assert c.post("/gallery", data={"identity": f"s{person}"},
+                          files=files(jpeg(person_crop(person, 0)))).status_code == 201
+        position = c.get("/readyz").json()["log_position"]
+    manifest = json.loads((data / "index" / "manifest.json").read_text())
+    assert manifest["position"] == position == 3 and manifest["entries"] == 3
+    with ServiceProcess(workdir / "a.safetensors", data, log_level="info") as service, service.client() as c:
+        assert c.get("/readyz").json()["gallery_size"] == 3
+        assert top(c, jpeg(person_crop(1, 4)), k=1)[0]["identity"] == "s1"
+    assert "from the snapshot, 0 newer changes applied" in service.log()

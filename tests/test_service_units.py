@@ -1,5 +1,5 @@
-"""Service building blocks in-process: device choice, decoding guards, cache, index, store,
-batcher, and ONNX Runtime agreeing with torch."""
+"""Service building blocks in-process: device choice, decoding guards, cache, batcher, and
+ONNX Runtime agreeing with torch (the gallery's index and store: tests/test_gallery.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from service.cache import EmbeddingCache
 from service.embedder import StartupError, load_embedder, plan_parallelism, resolve_backend, resolve_device
 from service.errors import ClientError
 from service.imaging import decode_image, header_pixels
-from service.index import VectorIndex
 from service.schemas import validate_identity
-from service.store import GalleryStore, NewEntry
 from tests.service_support import jpeg, make_checkpoint, person_crop, png
 
 
@@ -175,79 +173,6 @@ def test_cache_evicts_least_recently_used_and_expires():
     assert cache.get(b) is None and cache.get(a) is not None and cache.get(c) is not None
     now[0] = 10.0
     assert cache.get(a) is None and cache.get(c) is None
-
-
-# -- index --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_index_ranks_by_cosine_and_groups_by_identity(kind):
-    rng = np.random.default_rng(0)
-    vectors = unit(rng, 200)
-    index = VectorIndex(8, kind)
-    index.add(np.arange(1, 201), vectors, [f"p{i % 50}" for i in range(200)], [i % 4 for i in range(200)])
-    query = vectors[10]
-    exact = vectors @ query
-    by_entry = index.search(query, 5, by="entry")
-    assert by_entry[0].entry_id == 11 and by_entry[0].score == pytest.approx(1.0, abs=1e-5)
-    np.testing.assert_allclose([m.score for m in by_entry], np.sort(exact)[::-1][:5], atol=1e-5)
-    by_identity = index.search(query, 50, by="identity")
-    assert len({m.identity for m in by_identity}) == 50 == len(by_identity)
-    assert by_identity[0].identity == "p10"
-
-
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_index_camera_filters_widen_the_search(kind):
-    rng = np.random.default_rng(1)
-    vectors = unit(rng, 300)
-    cameras = [1 if i < 290 else 2 for i in range(300)]
-    index = VectorIndex(8, kind)
-    index.add(np.arange(300), vectors, [f"p{i}" for i in range(300)], cameras)
-    only2 = index.search(vectors[0], 10, by="entry", camera=2)
-    assert sorted(m.entry_id for m in only2) == list(range(290, 300))
-    not1 = index.search(vectors[0], 20, by="entry", exclude_camera=1)
-    assert len(not1) == 10 and all(m.camera == 2 for m in not1)
-
-
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
-def test_index_removal(kind):
-    rng = np.random.default_rng(2)
-    vectors = unit(rng, 100)
-    index = VectorIndex(8, kind)
-    index.add(np.arange(100), vectors, [f"p{i // 10}" for i in range(100)], [None] * 100)
-    for person in range(5):  # past the HNSW rebuild threshold
-        assert index.remove_identity(f"p{person}") == 10
-    assert len(index) == 50 and index.identity_count == 5
-    assert index.remove_identity("p0") == 0
-    results = index.search(vectors[3], 100, by="entry")
-    assert len(results) == 50 and all(m.entry_id >= 50 for m in results)
-
-
-# -- store --------------------------------------------------------------------------------
-
-
-def test_store_enrollment_is_all_or_nothing(tmp_path):
-    store = GalleryStore(tmp_path / "g.sqlite3")
-    store.add_entries("alice", [NewEntry(np.ones(4, np.float32), 1, b"jpg")], "fp")
-    bad = [NewEntry(np.ones(4, np.float32)), NewEntry(vector="not a vector")]  # second fails mid-transaction
-    with pytest.raises(Exception):
-        store.add_entries("bob", bad, "fp")
-    assert store.identity_entries("bob") is None
-    assert store.count_entries() == 1
-    store.close()
-    reopened = GalleryStore(tmp_path / "g.sqlite3")
-    (row,) = reopened.identity_entries("alice")
-    assert row.camera == 1 and row.has_crop and reopened.crop(row.entry_id) == b"jpg"
-    assert reopened._query("PRAGMA journal_mode")[0][0] == "wal"
-    assert reopened._query("PRAGMA synchronous")[0][0] == 2  # FULL
-
-
-def test_store_entry_ids_are_never_reused(tmp_path):
-    store = GalleryStore(tmp_path / "g.sqlite3")
-    (first,) = store.add_entries("a", [NewEntry(np.ones(4, np.float32))], "fp")
-    store.delete_identity("a")
-    (second,) = store.add_entries("a", [NewEntry(np.ones(4, np.float32))], "fp")
-    assert second.entry_id > first.entry_id
 
 
 # -- batcher ------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ Training drops both and relabels the rest 0..n-1; the gallery drops -1 and keeps
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.market1501 import IMAGE_SUFFIXES, JUNK_PID, is_identity, parse_name
 from models.preprocess import resize_normalize
 
 TRAIN_DIR, GALLERY_DIR, QUERY_DIR = "bounding_box_train", "bounding_box_test", "query"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-# "0002_c1s1_000451_03.jpg" (Market-1501), "0001_c2_f0046182.jpg" (DukeMTMC-reID), "-1_c1s1_...".
-_NAME = re.compile(r"^(-?\d+)_c(\d+)")
-JUNK_PID, DISTRACTOR_PID = -1, 0
 
 
 class DataLayoutError(ValueError):
@@ -55,12 +51,6 @@ class ReIDData:
             "gallery_images": len(self.gallery),
             "gallery_ids": ids(self.gallery),
         }
-
-
-def parse_name(name: str) -> tuple[int, int] | None:
-    """(person id, camera) from a Market-1501 / DukeMTMC-reID file name, None if it has neither."""
-    m = _NAME.match(name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def scan_folder(folder: Path) -> list[tuple[str, int, int]]:
@@ -100,7 +90,7 @@ def load_reid_data(root: str | Path, with_train: bool = True) -> ReIDData:
     train: list[Sample] = []
     num_ids = 0
     if with_train:
-        raw = [e for e in _scan_nonempty(root, TRAIN_DIR) if e[1] not in (JUNK_PID, DISTRACTOR_PID)]
+        raw = [e for e in _scan_nonempty(root, TRAIN_DIR) if is_identity(e[1])]
         if not raw:
             raise DataLayoutError(f"{root / TRAIN_DIR}: only junk (-1) and distractor (0) images, nothing to train on")
         relabel = {pid: i for i, pid in enumerate(sorted({pid for _, pid, _ in raw}))}

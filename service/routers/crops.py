@@ -18,7 +18,7 @@ router = APIRouter(tags=["gallery"])
 )
 def crop(entry_id: int, services: Annotated[Services, Depends(get_services)]) -> Response:
     """The crop stored with a gallery entry (JPEG)."""
-    data = services.gallery.store.crop(entry_id)
+    data = services.gallery.crop(entry_id)
     if data is None:
         raise not_found("unknown_crop", f"no stored crop for entry {entry_id}")
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400, immutable"})

@@ -40,8 +40,7 @@ async def enroll(
     identity = validate_identity(identity)
     vectors, crops = await embed_uploads(services, image, keep_crops=services.settings.store_crops)
     rows = await run_in_threadpool(services.gallery.enroll, identity, vectors, crops, camera)
-    services.refresh_gauges()
-    return EnrollResponse(identity=identity, entries=[_entry(r) for r in rows], gallery_size=services.gallery.size)
+    return EnrollResponse(identity=identity, entries=[_entry(r) for r in rows], gallery_size=services.gallery.stats.entries)
 
 
 @router.get("", response_model=GalleryPage)
@@ -50,18 +49,17 @@ def list_identities(
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> GalleryPage:
-    store = services.gallery.store
-    rows = store.list_identities(offset, limit)
+    page = services.gallery.page(offset, limit)
+    stats = services.gallery.stats
     return GalleryPage(
-        identities=[IdentitySummary(identity=name, entries=n) for name, n in rows],
-        total=store.count_identities(), offset=offset, limit=limit,
-        gallery_size=services.gallery.size, stale_entries=services.gallery.stale_entries,
+        identities=[IdentitySummary(identity=name, entries=n) for name, n in page.identities],
+        total=page.total, offset=offset, limit=limit, gallery_size=stats.entries, stale_entries=stats.stale_entries,
     )
 
 
 @router.get("/{identity}", response_model=IdentityDetail, responses={404: {"model": Error}})
 def get_identity(identity: str, services: Annotated[Services, Depends(get_services)]) -> IdentityDetail:
-    rows = services.gallery.store.identity_entries(identity)
+    rows = services.gallery.identity_entries(identity)
     if rows is None:
         raise not_found("unknown_identity", f"unknown identity {identity!r}")
     return IdentityDetail(identity=identity, entries=[_entry(r) for r in rows])
@@ -74,5 +72,4 @@ def get_identity(identity: str, services: Annotated[Services, Depends(get_servic
 def delete_identity(identity: str, services: Annotated[Services, Depends(get_services)]) -> Response:
     if not services.gallery.delete(identity):
         raise not_found("unknown_identity", f"unknown identity {identity!r}")
-    services.refresh_gauges()
     return Response(status_code=204)

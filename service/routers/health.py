@@ -22,9 +22,10 @@ def readyz(request: Request):
         error = request.app.state.startup_error
         body = Readiness(status="failed" if error else "starting", detail=error or "loading model and gallery")
         return JSONResponse(body.model_dump(), status_code=503)
-    info, gallery = services.embedder.info, services.gallery
+    info, stats = services.embedder.info, services.gallery.stats
     return Readiness(
         status="ready", model=info.model_name, arch=info.arch, fingerprint=info.fingerprint,
-        backend=services.embedder.backend, device=services.embedder.device, gallery_size=gallery.size,
-        identities=gallery.index.identity_count, stale_entries=gallery.stale_entries,
+        backend=services.embedder.backend, device=services.embedder.device, gallery_size=stats.entries,
+        identities=stats.identities, stale_entries=stats.stale_entries, log_position=stats.position,
+        index=stats.index_kind,
     )

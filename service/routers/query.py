@@ -49,7 +49,7 @@ async def _search(services: Services, vector: np.ndarray, params: QueryParams) -
     services.metrics.stage_duration.labels("search").observe(time.perf_counter() - started)
     return QueryResponse(
         matches=[MatchItem(identity=m.identity, score=m.score, entry_id=m.entry_id, camera=m.camera) for m in matches],
-        gallery_size=services.gallery.size,
+        gallery_size=services.gallery.stats.entries,
     )
 
 
