@@ -48,8 +48,8 @@ KINDS = {
     "hnsw32": (IndexSpec("hnsw", "HNSW32,Flat", 80), [SearchSettings(hnsw_ef_search=e) for e in (64, 128)]),
     "hnsw32-sq8": (IndexSpec("hnsw", "HNSW32,SQ8,RFlat", 80), [SearchSettings(hnsw_ef_search=e) for e in (64, 128)]),
 }
-for lists in (1024, 2048, 4096):
-    KINDS[f"ivf{lists}"] = (IndexSpec("ivf", f"IVF{lists},Flat"), [SearchSettings(ivf_nprobe=p) for p in (8, 16, 32, 64)])
+for lists in (1024, 2048, 4096, 8192):
+    KINDS[f"ivf{lists}"] = (IndexSpec("ivf", f"IVF{lists},Flat"), [SearchSettings(ivf_nprobe=p) for p in (16, 32, 64, 128)])
     KINDS[f"ivf{lists}-sq8"] = (
         IndexSpec("ivf", f"IVF{lists},SQ8,RFlat"), [SearchSettings(ivf_nprobe=p) for p in (8, 16, 32, 64)]
     )

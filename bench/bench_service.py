@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.embedder import load_embedder  # noqa: E402
-from service.store import GalleryStore, NewEntry  # noqa: E402
+from service.sqlite_store import SQLiteStore  # noqa: E402
+from service.store import NewEntry  # noqa: E402
 from tests.service_support import ServiceProcess, jpeg, make_checkpoint, person_crop  # noqa: E402
 
 
@@ -140,69 +141,16 @@ def embed_throughput(port: int, clients: int, seconds: float, server_pid: int | 
 
 
 def fill_store(data_dir: Path, fingerprint: str, dim: int, size: int, per_identity: int = 10) -> None:
-    store = GalleryStore(data_dir / "gallery.sqlite3")
+    store = SQLiteStore(data_dir / "gallery.sqlite3")
     rng = np.random.default_rng(size)
-    for first in range(0, size, per_identity):
-        vectors = rng.normal(size=(per_identity, dim)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        store.add_entries(f"id{first // per_identity}", [NewEntry(v, first % 6) for v in vectors], fingerprint)
+    for chunk in range(0, size, 10_000):
+        groups = []
+        for first in range(chunk, min(size, chunk + 10_000), per_identity):
+            vectors = rng.normal(size=(per_identity, dim)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            groups.append((f"id{first // per_identity}", [NewEntry(v, first % 6) for v in vectors]))
+        store.add_groups(groups, fingerprint)
     store.close()
-
-
-def hnsw_recall(vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> tuple[float, float, float]:
-    """recall@k of HNSW against exact search, and ms per query of each, in-process."""
-    import faiss
-
-    from service.index import VectorIndex
-
-    faiss.omp_set_num_threads(1)  # as the service does
-    size, dim = vectors.shape
-    indexes = {}
-    for kind in ("flat", "hnsw"):
-        index = VectorIndex(dim, kind)
-        for first in range(0, size, 10_000):
-            chunk = np.arange(first, min(size, first + 10_000))
-            index.add(chunk, vectors[chunk], [f"id{i}" for i in chunk], [0] * len(chunk))
-        indexes[kind] = index
-    found, times = {}, {}
-    for kind, index in indexes.items():
-        t0 = time.perf_counter()
-        found[kind] = [{m.entry_id for m in index.search(x, k, by="entry")} for x in queries]
-        times[kind] = (time.perf_counter() - t0) / len(queries) * 1000
-    recall = np.mean([len(a & b) / k for a, b in zip(found["flat"], found["hnsw"])])
-    return float(recall), times["flat"], times["hnsw"]
-
-
-def random_gallery(dim: int, size: int, queries: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Random unit vectors, and queries that are noisy copies of some of them (a re-identification
-    query resembles some gallery entries): the hard case for a graph index."""
-    rng = np.random.default_rng(1)
-    vectors = rng.normal(size=(size, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    q = vectors[rng.integers(0, size, queries)] + rng.normal(scale=0.01, size=(queries, dim)).astype(np.float32)
-    return vectors, q / np.linalg.norm(q, axis=1, keepdims=True)
-
-
-def folder_gallery(checkpoint: Path, folder: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The checkpoint's embeddings of a Market-1501-layout folder: query/ images are the
-    queries, every other .jpg (train, test gallery, distractors) the gallery."""
-    from models.preprocess import resize_pixels
-    from service.imaging import decode_image
-
-    embedder = load_embedder(checkpoint, device="cpu", backend="onnx", data_dir=data_dir)
-    info = embedder.info
-    paths = sorted(folder.rglob("*.jpg"))
-    if not paths:
-        raise SystemExit(f"{folder}: no .jpg files")
-    vectors = []
-    for first in range(0, len(paths), 64):
-        batch = [resize_pixels(decode_image(p.read_bytes(), filename=p.name, input_size=info.input_size,
-                                            max_pixels=10**8).image, info.input_size)
-                 for p in paths[first:first + 64]]
-        vectors.append(embedder.embed(np.stack(batch)))
-    vectors = np.concatenate(vectors)
-    is_query = np.array([p.parent.name == "query" for p in paths])
-    return vectors[~is_query], vectors[is_query]
 
 
 def query_latency(port: int, n: int, k: int = 10) -> dict[str, float]:
@@ -254,11 +202,9 @@ def main() -> None:
     parser.add_argument("--max-batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--index", default="flat", choices=["flat", "hnsw"])
+    parser.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivf"],
+                        help="index kinds and recall: bench/bench_gallery.py")
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--recall-sizes", default="10000,100000", help="HNSW recall vs exact on random vectors ('' to skip)")
-    parser.add_argument("--recall-folder", type=Path,
-                        help="also HNSW recall on the checkpoint's embeddings of this Market-1501-layout folder")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="reid-bench-"))
@@ -328,21 +274,6 @@ def main() -> None:
                 r = query_latency(service.port, args.queries)
             print(f"| {size:,} | {r['get_p50']:.1f} ms | {r['get_p95']:.1f} ms | {r['get_filtered_p50']:.1f} ms |"
                   f" {r['get_filtered_p95']:.1f} ms | {r['post_p50']:.1f} ms | {r['post_p95']:.1f} ms |")
-
-
-    if args.recall_sizes or args.recall_folder:
-        from models.checkpoint import read_checkpoint_info
-
-        dim = read_checkpoint_info(checkpoint).embedding_dim
-        print("\n| gallery | HNSW recall@10 vs exact | exact search | HNSW search |\n|---|---|---|---|")
-        for size in (int(s) for s in args.recall_sizes.split(",") if s):
-            recall, flat_ms, hnsw_ms = hnsw_recall(*random_gallery(dim, size))
-            print(f"| {size:,} random vectors | {recall:.3f} | {flat_ms:.2f} ms | {hnsw_ms:.2f} ms |")
-        if args.recall_folder:
-            gallery, queries = folder_gallery(checkpoint, args.recall_folder, tmp / "recall")
-            recall, flat_ms, hnsw_ms = hnsw_recall(gallery, queries)
-            print(f"| {len(gallery):,} embeddings of {args.recall_folder.name} ({len(queries)} queries) | {recall:.3f} |"
-                  f" {flat_ms:.2f} ms | {hnsw_ms:.2f} ms |")
 
 
 if __name__ == "__main__":

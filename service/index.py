@@ -34,6 +34,13 @@ IVF_MIN_TRAIN_PER_LIST = 39  # FAISS warns below this many training points per c
 IVF_MAX_TRAIN = 262_144  # k-means on more points costs time and gains nothing
 SQ_TRAIN = 65_536  # enough to learn each dimension's value range
 SQ_MIN_TRAIN = 1_000
+# Exact search reads every vector: ~10 ms per 32M floats on one core here (docs/gallery.md).
+EXACT_SCAN_BUDGET = 32 * 2**20
+
+
+def exact_max_entries(dim: int) -> int:
+    """The largest gallery ``auto`` searches exactly: the one that fits the scan budget."""
+    return EXACT_SCAN_BUDGET // dim
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ class IndexSpec:
 @dataclass(frozen=True)
 class IndexPlanSettings:
     setting: str = "auto"  # auto | flat | hnsw | ivf
-    exact_max_entries: int = 100_000
+    exact_max_entries: int = 32_768  # the service derives it from the dimension: exact_max_entries()
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     ivf_lists: int = 0  # 0: from the gallery size

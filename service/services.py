@@ -13,7 +13,7 @@ from service.cache import EmbeddingCache
 from service.embedder import Embedder, StartupError, load_embedder
 from service.follower import Follower, FollowPolicy
 from service.gallery import Gallery
-from service.index import IndexPlanSettings, SearchSettings
+from service.index import IndexPlanSettings, SearchSettings, exact_max_entries
 from service.metrics import Metrics
 from service.settings import Settings
 from service.sqlite_store import SQLiteStore
@@ -50,9 +50,10 @@ def open_store(settings: Settings) -> GalleryStore:
     return SQLiteStore(settings.data_dir / STORE_FILE)
 
 
-def index_plan(settings: Settings) -> IndexPlanSettings:
+def index_plan(settings: Settings, dim: int) -> IndexPlanSettings:
     return IndexPlanSettings(
-        setting=settings.index, exact_max_entries=settings.index_exact_max_entries, hnsw_m=settings.hnsw_m,
+        setting=settings.index, exact_max_entries=settings.index_exact_max_entries or exact_max_entries(dim),
+        hnsw_m=settings.hnsw_m,
         hnsw_ef_construction=settings.hnsw_ef_construction, ivf_lists=settings.ivf_lists, storage=settings.index_storage,
     )
 
@@ -77,7 +78,7 @@ def open_gallery(settings: Settings, store: GalleryStore, fingerprint: str, dim:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     try:
         return Gallery.open(
-            store, fingerprint=fingerprint, dim=dim, plan=index_plan(settings), search=search_settings(settings),
+            store, fingerprint=fingerprint, dim=dim, plan=index_plan(settings, dim), search=search_settings(settings),
             snapshot_dir=settings.data_dir / SNAPSHOT_DIR, on_change=metrics.observe_gallery,
         )
     finally:

@@ -37,10 +37,11 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="when set, X-API-Key needed on POST/DELETE /gallery")
     store_crops: bool = Field(True, description="keep enrolled crops (for GET /crops and reembed)")
     index: Literal["auto", "flat", "hnsw", "ivf"] = Field(
-        "auto", description="auto: exact up to index_exact_max_entries, IVF above; flat: exact; hnsw, ivf: approximate"
+        "auto", description="auto: exact up to index_exact_max_entries, approximate above; flat: exact; hnsw, ivf: approximate"
     )
     index_exact_max_entries: int = Field(
-        100_000, ge=0, description="auto: largest gallery searched exactly (docs/gallery.md: where exact search passes 10 ms)"
+        0, ge=0, description="auto: largest gallery searched exactly (0: 32M / dim, e.g. 32,768 at 1024-d: "
+        "where one exact search passes ~10 ms, docs/gallery.md)",
     )
     index_storage: Literal["flat", "sq8"] = Field(
         "flat", description="approximate kinds: full vectors, or 8-bit codes with an exact re-score of the shortlist"
