@@ -45,14 +45,13 @@ K = 10
 # name -> (spec, search settings to try)
 KINDS = {
     "flat": (IndexSpec("flat", "Flat"), [SearchSettings()]),
-    "hnsw32": (IndexSpec("hnsw", "HNSW32,Flat", 80), [SearchSettings(hnsw_ef_search=e) for e in (64, 128)]),
-    "hnsw32-sq8": (IndexSpec("hnsw", "HNSW32,SQ8,RFlat", 80), [SearchSettings(hnsw_ef_search=e) for e in (64, 128)]),
+    "hnsw32": (IndexSpec("hnsw", "HNSW32,Flat", 80), [SearchSettings(hnsw_ef_search=e) for e in (128, 256)]),
+    "hnsw32-efc200": (IndexSpec("hnsw", "HNSW32,Flat", 200), [SearchSettings(hnsw_ef_search=e) for e in (128, 256)]),
+    "hnsw32-sq8": (IndexSpec("hnsw", "HNSW32,SQ8", 80), [SearchSettings(hnsw_ef_search=e) for e in (128, 256)]),
 }
 for lists in (1024, 2048, 4096, 8192):
     KINDS[f"ivf{lists}"] = (IndexSpec("ivf", f"IVF{lists},Flat"), [SearchSettings(ivf_nprobe=p) for p in (16, 32, 64, 128)])
-    KINDS[f"ivf{lists}-sq8"] = (
-        IndexSpec("ivf", f"IVF{lists},SQ8,RFlat"), [SearchSettings(ivf_nprobe=p) for p in (8, 16, 32, 64)]
-    )
+    KINDS[f"ivf{lists}-sq8"] = (IndexSpec("ivf", f"IVF{lists},SQ8"), [SearchSettings(ivf_nprobe=p) for p in (16, 32, 64)])
 
 
 def rss_anon() -> int:
@@ -222,79 +221,159 @@ def snapshot_times(index: VectorIndex) -> tuple[float, float, int]:
     return t1 - t0, t2 - t1, size
 
 
-def measure_size(data: ReIDLike, n: int, kinds: list[str], queries: int) -> list[dict]:
+def prepare_size(data: ReIDLike, n: int, queries: int, work: Path) -> Path:
+    """Gallery, queries and the exact answers for one size, as files the kind workers map."""
+    folder = work / f"size-{n}"
+    if (folder / "exact.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
     vectors, ids, _ = data.gallery(n)
     known, unknown = data.queries(queries)
-    rows = []
+    np.save(folder / "vectors.npy", vectors)
+    np.save(folder / "ids.npy", ids)
+    np.save(folder / "known.npy", known)
+    np.save(folder / "unknown.npy", unknown)
     exact_index, _ = build(KINDS["flat"][0], vectors, ids)
-    exact = {"known": search_all(exact_index, known)[0], "unknown": search_all(exact_index, unknown)[0]}
-    del exact_index
+    exact = {name: [sorted(s) for s in search_all(exact_index, q)[0]] for name, q in (("known", known), ("unknown", unknown))}
+    (folder / "exact.json").write_text(json.dumps(exact))
+    return folder
+
+
+def measure_kind(folder: Path, name: str) -> list[dict]:
+    """One index kind on one prepared size, in a process of its own (for a clean memory figure)."""
+    vectors = np.load(folder / "vectors.npy", mmap_mode="r")  # file pages: not anonymous memory
+    ids = np.load(folder / "ids.npy")
+    known, unknown = np.load(folder / "known.npy"), np.load(folder / "unknown.npy")
+    exact = {k: [set(s) for s in v] for k, v in json.loads((folder / "exact.json").read_text()).items()}
+    spec, grid = KINDS[name]
     gc.collect()
-    for name in kinds:
-        spec, grid = KINDS[name]
-        if spec.needs_training() and n < spec.training_size():
-            continue
-        gc.collect()
-        before = rss_anon()
-        index, build_s = build(spec, vectors, ids)
-        memory = rss_anon() - before
-        save_s, load_s, disk = snapshot_times(index)
-        for settings in grid:
-            index.search_settings = settings
-            found_k, t_k = search_all(index, known)
-            found_u, t_u = search_all(index, unknown)
-            times = np.concatenate([t_k, t_u]) * 1000
-            row = {
-                "entries": n, "kind": name, "factory": spec.factory, "search": settings.__dict__, "build_s": round(build_s, 1),
-                "snapshot_save_s": round(save_s, 2), "snapshot_load_s": round(load_s, 2), "snapshot_mb": round(disk / 2**20),
-                "p50_ms": round(float(np.percentile(times, 50)), 2), "p99_ms": round(float(np.percentile(times, 99)), 2),
-                "recall_known": round(recall(found_k, exact["known"]), 4),
-                "recall_unknown": round(recall(found_u, exact["unknown"]), 4),
-                "index_mb": round(memory / 2**20), "raw_mb": round(vectors.nbytes / 2**20),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del index
+    before = rss_anon()
+    index, build_s = build(spec, vectors, ids)
+    memory = rss_anon() - before
+    if spec.compressed:  # re-scored from the exact vectors (in the service: read from the store)
+        index.exact_vectors = lambda entry_ids: np.asarray(vectors[entry_ids - 1])
+    save_s, load_s, disk = snapshot_times(index)
+    rows = []
+    for settings in grid:
+        index.search_settings = settings
+        found_k, t_k = search_all(index, known)
+        found_u, t_u = search_all(index, unknown)
+        times = np.concatenate([t_k, t_u]) * 1000
+        row = {
+            "entries": len(vectors), "kind": name, "factory": spec.factory, "search": settings.__dict__,
+            "build_s": round(build_s, 1), "snapshot_save_s": round(save_s, 2), "snapshot_load_s": round(load_s, 2),
+            "snapshot_mb": round(disk / 2**20), "p50_ms": round(float(np.percentile(times, 50)), 2),
+            "p99_ms": round(float(np.percentile(times, 99)), 2),
+            "recall_known": round(recall(found_k, exact["known"]), 4),
+            "recall_unknown": round(recall(found_u, exact["unknown"]), 4),
+            "index_mb": round(memory / 2**20), "raw_mb": round(vectors.nbytes / 2**20),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
-def measure_startup(data: ReIDLike, n: int, spec_setting: str, work: Path) -> dict:
-    """The service's own path: import-vectors into SQLite, Gallery.open (build), snapshot, open again."""
+def measure_size(data: ReIDLike, n: int, kinds: list[str], queries: int, work: Path) -> list[dict]:
+    import subprocess
+
+    folder = prepare_size(data, n, queries, work)
+    rows = []
+    for name in kinds:
+        spec, _ = KINDS[name]
+        if spec.kind == "ivf" and n < int(spec.factory.split(",")[0][3:]) * 39:
+            continue  # too few entries to learn that many cells
+        result = subprocess.run([sys.executable, __file__, "--worker", str(folder), name], capture_output=True, text=True)
+        if result.returncode:
+            print(f"{name} at {n}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+            continue
+        for line in result.stdout.splitlines():
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                print(line, flush=True)
+    return rows
+
+
+def measure_startup(folder: Path, spec_setting: str, storage: str) -> dict:
+    """The service's own path on a prepared size: import-vectors into SQLite, Gallery.open
+    (building the index), a snapshot, Gallery.open again from the snapshot; and what reading
+    a shortlist's exact vectors from the store costs (a compressed index's re-score)."""
     from service.gallery import Gallery
-    from service.index import IndexPlanSettings
+    from service.index import IndexPlanSettings, exact_max_entries
     from service.sqlite_store import SQLiteStore
     from service.vector_import import VectorFile, import_vectors
 
-    vectors, ids, _ = data.gallery(n)
-    folder = Path(tempfile.mkdtemp(dir=work))
-    store = SQLiteStore(folder / "gallery.sqlite3")
+    vectors = np.load(folder / "vectors.npy", mmap_mode="r")
+    ids = np.load(folder / "ids.npy")
+    n, dim = vectors.shape
+    store_dir = Path(tempfile.mkdtemp(dir=folder))
+    store = SQLiteStore(store_dir / "gallery.sqlite3")
     t0 = time.perf_counter()
     import_vectors(store, VectorFile([f"id{i}" for i in ids], vectors, [None] * n, "bench"), "fp", 10_000)
     import_s = time.perf_counter() - t0
-    del vectors
-    gc.collect()
-    plan, search = IndexPlanSettings(setting=spec_setting), SearchSettings()
+    rng = np.random.default_rng(0)
+    reads = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        store.vectors(rng.integers(1, n + 1, 200))
+        reads.append((time.perf_counter() - t0) * 1000)
+    plan = IndexPlanSettings(setting=spec_setting, exact_max_entries=exact_max_entries(dim), storage=storage)
+    open_args = dict(fingerprint="fp", dim=dim, plan=plan, search=SearchSettings(), snapshot_dir=store_dir / "index")
+    import faiss
+    import os
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # as the service builds at start
     t0 = time.perf_counter()
-    gallery = Gallery.open(store, fingerprint="fp", dim=data.dim, plan=plan, search=search, snapshot_dir=folder / "index")
+    gallery = Gallery.open(store, **open_args)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     gallery.snapshot()
     snapshot_s = time.perf_counter() - t0
-    kind = gallery.stats.index_kind
+    kind = gallery._index.spec.factory
+    store.close()
     del gallery
-    gc.collect()
-    t0 = time.perf_counter()
-    gallery = Gallery.open(store, fingerprint="fp", dim=data.dim, plan=plan, search=search, snapshot_dir=folder / "index")
-    reopen_s = time.perf_counter() - t0
-    assert gallery.stats.entries == n and gallery.replayed_at_open == 0
-    row = {"entries": n, "index": spec_setting, "kind": kind, "import_vectors_s": round(import_s, 1),
-           "open_build_s": round(build_s, 1), "snapshot_s": round(snapshot_s, 1), "open_from_snapshot_s": round(reopen_s, 1),
-           "store_mb": round((folder / "gallery.sqlite3").stat().st_size / 2**20)}
+    import subprocess
+
+    # Start-up from the snapshot in a fresh process, as after a restart: time and memory.
+    reopen = subprocess.run([sys.executable, __file__, "--reopen", str(store_dir), spec_setting, storage, str(dim)],
+                            capture_output=True, text=True, check=True)
+    reopen_s, memory, entries = json.loads(reopen.stdout.splitlines()[-1])
+    assert entries == n
+    row = {"entries": n, "index": spec_setting, "storage": storage, "factory": kind,
+           "import_vectors_s": round(import_s, 1), "open_build_s": round(build_s, 1), "snapshot_s": round(snapshot_s, 1),
+           "open_from_snapshot_s": round(reopen_s, 1), "gallery_memory_mb": round(memory / 2**20),
+           "raw_mb": round(vectors.nbytes / 2**20), "store_mb": round((store_dir / "gallery.sqlite3").stat().st_size / 2**20),
+           "store_read_200_vectors_p50_ms": round(float(np.percentile(reads, 50)), 2),
+           "store_read_200_vectors_p99_ms": round(float(np.percentile(reads, 99)), 2)}
     print(json.dumps(row), flush=True)
     return row
 
 
+def reopen(store_dir: Path, spec_setting: str, storage: str, dim: int) -> None:
+    """Print [seconds to open from the snapshot, anonymous memory it took, entries]."""
+    from service.gallery import Gallery
+    from service.index import IndexPlanSettings, exact_max_entries
+    from service.sqlite_store import SQLiteStore
+
+    plan = IndexPlanSettings(setting=spec_setting, exact_max_entries=exact_max_entries(dim), storage=storage)
+    before = rss_anon()
+    t0 = time.perf_counter()
+    gallery = Gallery.open(SQLiteStore(store_dir / "gallery.sqlite3"), fingerprint="fp", dim=dim, plan=plan,
+                           search=SearchSettings(), snapshot_dir=store_dir / "index")
+    elapsed = time.perf_counter() - t0
+    assert gallery.replayed_at_open == 0
+    print(json.dumps([elapsed, rss_anon() - before, gallery.stats.entries]))
+
+
 def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--reopen":
+        reopen(Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        measure_kind(Path(sys.argv[2]), sys.argv[3])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="synthetic Market-1501-layout folder to embed")
@@ -303,6 +382,7 @@ def main() -> None:
     p.add_argument("--kinds", default="flat,hnsw32,ivf4096")
     p.add_argument("--queries", type=int, default=500, help="known and unknown queries each")
     p.add_argument("--startup", default="", help="index setting (e.g. auto) to measure start-up with, at the largest size")
+    p.add_argument("--startup-storage", default="flat", choices=["flat", "sq8"])
     p.add_argument("--out", type=Path, help="append JSON lines here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -317,9 +397,11 @@ def main() -> None:
                       "identity_offset": round(data.identity_offset, 4), "entry_noise": data.entry_noise}), flush=True)
     rows = []
     for n in [int(s) for s in args.sizes.split(",") if s]:
-        rows += measure_size(data, n, args.kinds.split(","), args.queries)
+        rows += measure_size(data, n, args.kinds.split(","), args.queries, args.work)
     if args.startup:
-        rows.append(measure_startup(data, max(int(s) for s in args.sizes.split(",")), args.startup, args.work))
+        largest = max(int(s) for s in args.sizes.split(","))
+        rows.append(measure_startup(prepare_size(data, largest, args.queries, args.work), args.startup,
+                                    args.startup_storage))
     if args.out:
         with open(args.out, "a") as f:
             for row in rows:

@@ -93,6 +93,7 @@ class Gallery:
     ):
         self.store, self.fingerprint, self.plan, self.snapshot_dir = store, fingerprint, plan, snapshot_dir
         self._index, self._position = index, position
+        index.exact_vectors = self._exact_vectors
         self._on_change = on_change
         self._apply_lock = threading.Lock()  # one applier at a time: the position moves in order
         self.snapshot_position: int | None = None  # log position of the last snapshot (None: none yet)
@@ -203,6 +204,16 @@ class Gallery:
 
     # -- reads ---------------------------------------------------------------------------
 
+    def _exact_vectors(self, entry_ids: np.ndarray) -> np.ndarray | None:
+        """For a compressed index's re-score; None (its approximate scores stand) if the store
+        cannot answer, so that queries go on while it is away."""
+        try:
+            vectors = self.store.vectors(entry_ids)
+        except Exception as e:
+            log.warning("exact re-score skipped, the store did not answer: %s", e)
+            return None
+        return vectors if vectors.shape[1:] == (self._index.dim,) else None
+
     def search(self, query: np.ndarray, k: int, **filters) -> list[Match]:
         return self._index.search(query, k, **filters)
 
@@ -256,6 +267,7 @@ class Gallery:
         with self._apply_lock:
             while position < self._position:
                 position = _apply_next(self.store, index, position, self.fingerprint)
+            index.exact_vectors = self._exact_vectors
             self._index, self._position = index, position
         self.catch_up()
         self._changed()

@@ -9,8 +9,10 @@ arrays. Dead slots are reclaimed by rebuilding the index from the store in the b
 (``dead_fraction``; service/follower.py decides when).
 
 Kinds (``IndexSpec``): ``flat`` (exact inner product), ``hnsw`` (graph), ``ivf`` (inverted
-lists over k-means cells), with full or scalar-quantised storage; docs/gallery.md has the
-measurements behind the choice ``plan_index`` makes for ``REID_INDEX=auto``.
+lists over k-means cells), with full vectors or 8-bit codes (``SQ8``, a quarter of the
+memory); a compressed index re-scores its shortlist with the exact vectors, which it asks
+for through ``exact_vectors`` (the gallery reads them from the store). docs/gallery.md has
+the measurements behind the choice ``plan_index`` makes for ``REID_INDEX=auto``.
 
 Concurrency: searches share a read lock (FAISS searches are const and release the GIL);
 adds and removals take the write lock; a snapshot holds a read lock while it writes, so
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +53,14 @@ class IndexSpec:
     factory: str  # faiss.index_factory description
     ef_construction: int = 0  # HNSW build breadth
 
+    @property
+    def compressed(self) -> bool:
+        """Codes, not vectors: scores are approximate until re-scored exactly."""
+        return "SQ" in self.factory
+
     def needs_training(self) -> bool:
         """IVF learns its cells, scalar quantisation its value ranges, from sample vectors."""
-        return self.kind == "ivf" or "SQ" in self.factory
+        return self.kind == "ivf" or self.compressed
 
     def training_size(self) -> int:
         if self.kind == "ivf":
@@ -68,7 +75,7 @@ class IndexPlanSettings:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     ivf_lists: int = 0  # 0: from the gallery size
-    storage: str = "flat"  # flat | sq8 (scalar-quantised, 4x smaller, re-scored exactly)
+    storage: str = "flat"  # flat | sq8 (8-bit codes in memory, the shortlist re-scored from the store)
 
 
 def ivf_lists_for(entries: int) -> int:
@@ -85,7 +92,7 @@ def plan_index(plan: IndexPlanSettings, entries: int) -> IndexSpec:
     kind = plan.setting
     if kind == "auto":
         kind = "flat" if entries <= plan.exact_max_entries else "ivf"
-    storage = "SQ8,RFlat" if plan.storage == "sq8" else "Flat"
+    storage = "SQ8" if plan.storage == "sq8" else "Flat"
     if kind == "ivf":
         lists = plan.ivf_lists or ivf_lists_for(entries)
         spec, needed = IndexSpec("ivf", f"IVF{lists},{storage}"), lists * IVF_MIN_TRAIN_PER_LIST
@@ -102,7 +109,6 @@ def plan_index(plan: IndexPlanSettings, entries: int) -> IndexSpec:
 class SearchSettings:
     hnsw_ef_search: int = 128
     ivf_nprobe: int = 32
-    refine_factor: int = 4  # compressed storage: re-score this many x the shortlist exactly
 
 
 @dataclass(frozen=True)
@@ -114,8 +120,7 @@ class Match:
 
 
 def _hnsw(index: faiss.Index) -> faiss.HNSW:
-    base = index.base_index if isinstance(index, faiss.IndexRefine) else index
-    return faiss.downcast_index(base).hnsw
+    return faiss.downcast_index(index).hnsw
 
 
 class _RWLock:
@@ -186,6 +191,9 @@ class VectorIndex:
         self._identity_live: dict[int, int] = {}  # identity id -> live entries
         self._live = 0
         self.built_for = 0  # gallery size the spec was planned for (the follower re-plans far from it)
+        # entry ids -> N x D exact vectors (NaN rows for unknown ids), or None when they cannot be had:
+        # how a compressed index re-scores its shortlist. Set by the gallery.
+        self.exact_vectors: Callable[[np.ndarray], np.ndarray | None] | None = None
         self._lock = _RWLock()
 
     # -- size ----------------------------------------------------------------------------
@@ -286,9 +294,9 @@ class VectorIndex:
                 return []
             fetch, widen = self._first_fetch(k, by), 1
             while True:
-                params, exhaustive, _base = self._search_params(fetch, widen)  # _base: kept alive for params
+                params, exhaustive = self._search_params(fetch, widen)
                 scores, slots = self._faiss.search(query, fetch, params=params)
-                matches = self._select(scores[0], slots[0], k, by, camera, exclude_camera)
+                matches = self._select(query[0], scores[0], slots[0], k, by, camera, exclude_camera)
                 if len(matches) >= k or (fetch >= self._slots and exhaustive):
                     return matches
                 fetch, widen = min(self._slots, fetch * 4), widen * 4
@@ -300,9 +308,9 @@ class VectorIndex:
         wanted = k * per_identity * 2 / max(1.0 - self.dead_fraction, 0.05)
         return int(min(self._slots, max(wanted, 4 * k, 64)))
 
-    def _search_params(self, fetch: int, widen: int) -> tuple[faiss.SearchParameters | None, bool, object]:
-        """FAISS parameters for a shortlist of ``fetch``, whether they search everything (so that
-        widening further cannot find more), and the object the parameters point into."""
+    def _search_params(self, fetch: int, widen: int) -> tuple[faiss.SearchParameters | None, bool]:
+        """FAISS parameters for a shortlist of ``fetch``, and whether they search everything (so
+        that widening further cannot find more)."""
         s = self.search_settings
         if self.spec.kind == "hnsw":
             base = faiss.SearchParametersHNSW()
@@ -314,15 +322,10 @@ class VectorIndex:
             base.nprobe = min(s.ivf_nprobe * widen, lists)
             exhaustive = base.nprobe == lists
         else:
-            return None, True, None
-        if isinstance(self._faiss, faiss.IndexRefine):
-            refine = faiss.IndexRefineSearchParameters()
-            refine.k_factor = float(s.refine_factor)
-            refine.base_index_params = base
-            return refine, exhaustive, base
-        return base, exhaustive, None
+            return None, True
+        return base, exhaustive
 
-    def _select(self, scores, slots, k, by, camera, exclude_camera) -> list[Match]:
+    def _select(self, query, scores, slots, k, by, camera, exclude_camera) -> list[Match]:
         found = slots >= 0  # FAISS pads a short result with -1
         slots, scores = slots[found], scores[found]
         keep = self._alive.data[slots]
@@ -332,6 +335,8 @@ class VectorIndex:
         if exclude_camera is not None:
             keep &= cams != exclude_camera
         slots, scores = slots[keep], scores[keep]
+        if self.spec.compressed and self.exact_vectors is not None and len(slots):
+            slots, scores = self._rescore(query, slots, scores)
         matches: list[Match] = []
         seen: set[int] = set()
         for score, slot in zip(scores.tolist(), slots.tolist()):
@@ -346,6 +351,18 @@ class VectorIndex:
             if len(matches) == k:
                 break
         return matches
+
+    def _rescore(self, query: np.ndarray, slots: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shortlist's exact cosine scores, best first; the codes' scores if the exact vectors
+        cannot be had (an entry deleted meanwhile is dropped)."""
+        vectors = self.exact_vectors(self._slot_entry.data[slots])
+        if vectors is None:
+            return slots, scores
+        exact = vectors @ query
+        known = ~np.isnan(exact)
+        slots, exact = slots[known], exact[known]
+        order = np.argsort(-exact, kind="stable")
+        return slots[order], exact[order]
 
     # -- snapshots -----------------------------------------------------------------------
 

@@ -324,6 +324,20 @@ class SQLiteStore:
         rows = self._query("SELECT crop FROM entries WHERE id = ?", (entry_id,))
         return rows[0][0] if rows else None
 
+    def vectors(self, entry_ids: np.ndarray) -> np.ndarray:
+        ids = [int(i) for i in entry_ids]
+        found: dict[int, np.ndarray] = {}
+        for start in range(0, len(ids), 900):  # under SQLite's bound-parameter limit
+            chunk = ids[start:start + 900]
+            sql = f"SELECT id, vector FROM entries WHERE id IN ({','.join('?' * len(chunk))})"
+            found.update((i, blob_to_vector(blob)) for i, blob in self._query(sql, tuple(chunk)))
+        dim = len(next(iter(found.values()))) if found else 0
+        out = np.full((len(ids), dim), np.nan, dtype=np.float32)
+        for row, entry_id in enumerate(ids):
+            if entry_id in found:
+                out[row] = found[entry_id]
+        return out
+
     def stale_entries(self, fingerprint: str, after_id: int = 0, batch: int = 256) -> list[tuple[int, bytes | None]]:
         return self._query(
             "SELECT id, crop FROM entries WHERE model_fingerprint != ? AND id > ? ORDER BY id LIMIT ?",

@@ -138,6 +138,10 @@ class GalleryStore(Protocol):
 
     def crop(self, entry_id: int) -> bytes | None: ...
 
+    def vectors(self, entry_ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of these entries, in the given order: N x D float32, a NaN row for
+        an id that does not exist (a compressed index re-scores its shortlist with them)."""
+
     def stale_entries(self, fingerprint: str, after_id: int = 0, batch: int = 256) -> list[tuple[int, bytes | None]]:
         """Entries made under another fingerprint: (entry_id, crop or None), in id order."""
 

@@ -37,7 +37,7 @@ KINDS = {
     "flat": IndexSpec("flat", "Flat"),
     "hnsw": IndexSpec("hnsw", "HNSW16,Flat", 40),
     "ivf": IndexSpec("ivf", "IVF4,Flat"),
-    "ivf-sq8": IndexSpec("ivf", "IVF4,SQ8,RFlat"),
+    "ivf-sq8": IndexSpec("ivf", "IVF4,SQ8"),
 }
 
 
@@ -48,6 +48,8 @@ def make_index(kind: str, vectors, identities, cameras=None, **search) -> Vector
     if spec.needs_training():
         index.train(vectors)
     fill(index, vectors, identities, cameras)
+    if spec.compressed:  # the exact vectors, as the gallery gives them from the store
+        index.exact_vectors = lambda entry_ids: vectors[entry_ids]
     return index
 
 
@@ -67,7 +69,7 @@ def test_index_ranks_by_cosine_and_groups_by_identity(kind):
     assert by_identity[0].identity == "p10"
     scores = [m.score for m in by_identity]
     assert scores == sorted(scores, reverse=True)
-    if kind == "flat":
+    if kind in ("flat", "ivf-sq8"):  # exact, or re-scored exactly
         np.testing.assert_allclose([m.score for m in by_entry], np.sort(vectors @ query)[::-1][:5], atol=1e-5)
 
 
@@ -97,11 +99,12 @@ def test_removed_and_replaced_entries_never_come_back(kind):
     results = index.search(vectors[3], 100, by="entry")
     assert len(results) == 70 and all(m.entry_id >= 30 for m in results)
     # A re-embedded entry: the old vector is gone, the new one found.
-    new = unit(rng, 1)
+    new, old = unit(rng, 1), vectors[40].copy()
+    vectors[40] = new[0]  # what the store now holds
     index.upsert(np.array([40]), np.array([4]), ["p4"], [None], new)
     assert len(index) == 70
     assert index.search(new[0], 1, by="entry")[0].entry_id == 40
-    assert all(m.entry_id != 40 for m in index.search(vectors[40], 3, by="entry"))
+    assert all(m.entry_id != 40 for m in index.search(old, 3, by="entry"))
 
 
 def test_plan_index_auto_is_exact_when_small_and_ivf_when_large():
@@ -113,7 +116,22 @@ def test_plan_index_auto_is_exact_when_small_and_ivf_when_large():
     # Forced IVF on a gallery too small to learn its cells from: exact until it grows.
     assert plan_index(IndexPlanSettings(setting="ivf"), 1_000).kind == "flat"
     assert plan_index(IndexPlanSettings(setting="hnsw", storage="sq8"), 10).kind == "flat"  # nothing to learn from yet
-    assert plan_index(IndexPlanSettings(setting="hnsw", storage="sq8"), 5_000).factory == "HNSW32,SQ8,RFlat"
+    assert plan_index(IndexPlanSettings(setting="hnsw", storage="sq8"), 5_000).factory == "HNSW32,SQ8"
+
+
+def test_compressed_gallery_rescores_from_the_store_and_answers_without_it(tmp_path):
+    plan = IndexPlanSettings(setting="ivf", ivf_lists=4, storage="sq8")
+    gallery = open_gallery(tmp_path, plan)
+    rng = np.random.default_rng(15)
+    vectors = np.concatenate(list(enroll_people(gallery, rng, 60).values()))  # 180 entries: IVF4,SQ8 fits
+    gallery.rebuild("grown")
+    assert gallery.stats.index_kind == "ivf" and gallery._index.spec.factory == "IVF4,SQ8"
+    query = vectors[50]
+    exact = np.sort(vectors @ query)[::-1][:5]
+    np.testing.assert_allclose([m.score for m in gallery.search(query, 5, by="entry")], exact, atol=1e-6)
+    gallery.store.close()  # the store goes away: approximate scores, still the right person first
+    matches = gallery.search(query, 5, by="entry")
+    assert matches[0].identity == "p16" and abs(matches[0].score - 1.0) < 0.02
 
 
 # -- the store's log ----------------------------------------------------------------------
