@@ -168,8 +168,8 @@ class Gallery:
                 if not len(batch):
                     break
                 _apply(self._index, batch, self.fingerprint)
+                applied += batch.last_position - self._position  # positions are dense: one per change
                 self._position = batch.last_position
-                applied += len(batch)
         if applied:
             self._changed()
         return applied
