@@ -78,7 +78,10 @@ def check_vectors(vectors: np.ndarray, dim: int, path: Path) -> np.ndarray:
     if (zero := norms <= ZERO_NORM).any():
         bad = np.flatnonzero(zero)
         raise VectorFileError(f"{path}: {len(bad)} vectors are zero (first at row {bad[0]}); they have no direction")
-    return vectors / norms[:, None]
+    if not vectors.flags.writeable:  # normalised in place: a million 1024-d vectors are 4 GB
+        vectors = vectors.copy()
+    vectors /= norms[:, None]
+    return vectors
 
 
 def check_identities(raw: np.ndarray, n: int, path: Path) -> list[str]:
