@@ -93,6 +93,11 @@ class MatchItem(BaseModel):
 class QueryResponse(BaseModel):
     matches: list[MatchItem]
     gallery_size: int
+    gallery_stale: bool = Field(
+        description="true when this replica's index has not been confirmed against the gallery store for a while "
+        "(the store is unreachable): the ranking may miss recent enrollments and deletions"
+    )
+    gallery_sync_age_s: float = Field(description="seconds since the index was last confirmed up to date with the store")
 
 
 class Health(BaseModel):

@@ -20,7 +20,7 @@ def readyz(request: Request):
     services = request.app.state.services
     if services is None:
         error = request.app.state.startup_error
-        body = Readiness(status="failed" if error else "starting", detail=error or "loading model and gallery")
+        body = Readiness(status="failed" if error else "starting", detail=error or request.app.state.startup.detail)
         return JSONResponse(body.model_dump(), status_code=503)
     info, stats = services.embedder.info, services.gallery.stats
     return Readiness(
