@@ -39,6 +39,7 @@ def free_port() -> int:
 class PostgresCluster:
     def __init__(self, port: int | None = None):
         self.bin = pg_bin()
+        self.version = self.bin.parent.name
         self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="reid-pg-"))
         self.data = self.root / "data"

@@ -48,7 +48,8 @@ def pair(workdir, postgres):
     a = replica(workdir, "a", url).launch()
     b = replica(workdir, "b", url).launch()
     try:
-        yield a.wait_ready(), b.wait_ready(), url
+        a.wait_ready(), b.wait_ready()
+        yield a, b, url
     finally:
         a.stop()
         b.stop()
@@ -126,7 +127,6 @@ def test_kill_9_of_a_replica_mid_enrollment_leaves_whole_identities_on_the_other
     url = postgres.create_database()
     victim = replica(workdir, "victim", url).launch()
     survivor = replica(workdir, "survivor", url).launch()
-    victim.wait_ready(), survivor.wait_ready()
     attempted: dict[str, int] = {}
     acked: dict[str, int] = {}
     enough, stop = threading.Event(), threading.Event()
@@ -149,6 +149,7 @@ def test_kill_9_of_a_replica_mid_enrollment_leaves_whole_identities_on_the_other
 
     workers = [threading.Thread(target=enrol, args=(w,)) for w in range(3)]
     try:
+        victim.wait_ready(), survivor.wait_ready()
         for w in workers:
             w.start()
         assert enough.wait(120), victim.log()
@@ -178,10 +179,12 @@ def test_kill_9_of_a_replica_mid_enrollment_leaves_whole_identities_on_the_other
 
 def test_database_down_at_start_and_under_load_then_back_every_replica_recovers(workdir):
     cluster = PostgresCluster().start()
+    url = cluster.create_database()
+    cluster.stop()
+    a = replica(workdir, "outage-a", url, database_timeout_s=1)
+    b = replica(workdir, "outage-b", url, database_timeout_s=1)
     try:
-        url = cluster.create_database()
-        cluster.stop()
-        a = replica(workdir, "outage-a", url, database_timeout_s=1).launch()
+        a.launch()
         # Down at start: the process runs, is not ready, and says why.
         seconds_until(lambda: _answers(a, "/healthz"), 60)
         seconds_until(lambda: "waiting for the gallery store" in (_readyz(a) or ""), 60)
@@ -189,11 +192,11 @@ def test_database_down_at_start_and_under_load_then_back_every_replica_recovers(
         assert r.status_code == 503 and "refused" in r.json()["detail"].lower()
         cluster.start()
         a.wait_ready()  # without a restart
-        b = replica(workdir, "outage-b", url, database_timeout_s=1).start()
+        b.start()
         _outage_under_load(cluster, a, b)
+    finally:
         a.stop()
         b.stop()
-    finally:
         cluster.remove()
 
 
