@@ -43,8 +43,8 @@ def _install_error_handlers(app: FastAPI, m: Metrics) -> None:
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> JSONResponse:
-        # The store (a database server) cannot be reached: the write was not made; searches
-        # go on from the local index meanwhile.
+        # The request needed the store (a write, or browsing the gallery) and the database
+        # cannot be reached: nothing was written; queries go on from the local index.
         m.errors.labels("store_unavailable").inc()
         return JSONResponse({"detail": f"gallery store unavailable, try again: {exc}"}, status_code=503,
                             headers={"Retry-After": "5"})

@@ -17,8 +17,8 @@ from service.follower import Follower, FollowPolicy
 from service.gallery import Gallery
 from service.index import IndexPlanSettings, SearchSettings, exact_max_entries
 from service.metrics import Metrics
-from service.settings import Settings
 from service.postgres_store import PostgresStore, describe_url
+from service.settings import Settings
 from service.sqlite_store import SQLiteStore
 from service.store import GalleryStore, StoreUnavailable
 
