@@ -211,7 +211,8 @@ def test_compose_scale_profile_runs_replicas_over_postgres_behind_nginx():
         env = r["environment"]
         assert env["REID_DATABASE_URL"] == "postgresql://reid@postgres:5432/reid"  # no password in it
         assert env["PGPASSWORD"] == "from-env"
-        assert env["REID_CHECKPOINT"] == env["REID_CHECKPOINT"].strip() and env["REID_CHECKPOINT"]
+        assert env["REID_CHECKPOINT"] == "/checkpoints/model.safetensors"  # one model for all replicas
+        assert mounts(r)["/checkpoints"] == str(ROOT / "checkpoints")
         assert r["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert r["build"]["context"] == str(ROOT)
 

@@ -142,3 +142,23 @@ def test_server_down_fails_writes_whole_and_the_same_store_works_when_it_is_back
         assert written.position == 2 and store.head() == 2
         assert gallery.catch_up() == 1 and gallery.search(v[1], 1)[0].identity == "after"
         store.close()
+
+
+def test_a_write_committed_just_before_the_database_went_away_is_acknowledged(postgres, tmp_path):
+    """The COMMIT succeeded, the read-your-writes catch-up after it did not: answering an error
+    would make the client retry and store the crops twice. The write is acknowledged and
+    becomes searchable here when the follower can read the log again."""
+    store = PostgresStore(postgres.create_database())
+    gallery = open_gallery(store, tmp_path)
+    v = vectors(1)
+    read_log = store.changes_after
+
+    def unreachable(*args):
+        raise StoreUnavailable("gallery database unreachable: server closed the connection unexpectedly")
+
+    store.changes_after = unreachable
+    rows = gallery.enroll("committed", v, [None], None)
+    assert [r.identity for r in rows] == ["committed"] and store.head() == 1
+    store.changes_after = read_log
+    assert gallery.catch_up() == 1 and gallery.search(v[0], 1)[0].identity == "committed"
+    store.close()
