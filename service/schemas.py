@@ -117,3 +117,7 @@ class Readiness(BaseModel):
     stale_entries: int | None = None
     log_position: int | None = Field(None, description="gallery change-log position the index covers")
     index: str | None = Field(None, description="index kind in use: flat (exact), ivf or hnsw (approximate)")
+    gallery_store: str | None = Field(None, description="the gallery store: a SQLite file, or a PostgreSQL URL without password")
+    gallery_stale: bool | None = Field(
+        None, description="true while the index has not been confirmed against the store for a while (store unreachable)"
+    )

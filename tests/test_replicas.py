@@ -101,7 +101,10 @@ def test_enroll_on_one_replica_is_searchable_on_the_other_and_a_delete_there_rea
         assert cb.delete("/gallery/alice").status_code == 204
         assert ca.get("/gallery/alice").status_code == 404  # the store is shared: at once
         assert seconds_until(lambda: best(ca, probe_a) != "alice", 10) < VISIBLE_WITHIN_S
-        assert ca.get("/readyz").json()["log_position"] == cb.get("/readyz").json()["log_position"] == 4
+        ready_a, ready_b = ca.get("/readyz").json(), cb.get("/readyz").json()
+        assert ready_a["log_position"] == ready_b["log_position"] == 4
+        assert ready_a["gallery_store"] == ready_b["gallery_store"] == a.env["REID_DATABASE_URL"]
+        assert ready_a["gallery_stale"] is False
 
 
 def test_an_import_run_against_the_database_reaches_every_replica(pair, workdir):

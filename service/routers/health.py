@@ -4,6 +4,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.schemas import Health, Readiness
+from service.services import store_name
 
 router = APIRouter(tags=["health"])
 
@@ -27,5 +28,5 @@ def readyz(request: Request):
         status="ready", model=info.model_name, arch=info.arch, fingerprint=info.fingerprint,
         backend=services.embedder.backend, device=services.embedder.device, gallery_size=stats.entries,
         identities=stats.identities, stale_entries=stats.stale_entries, log_position=stats.position,
-        index=stats.index_kind,
+        index=stats.index_kind, gallery_store=store_name(services.settings), gallery_stale=services.follower.stale,
     )
