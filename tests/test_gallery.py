@@ -140,7 +140,7 @@ class Backend:
     def another(self, tmp_path) -> "Backend":
         """Another gallery of the same kind."""
         other = Backend(self.name, tmp_path, self.cluster)
-        self.opened.extend(other.opened)
+        other.opened = self.opened  # closed with this one
         return other
 
     def restore_older(self, work) -> None:
