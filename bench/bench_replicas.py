@@ -187,7 +187,9 @@ def main() -> None:
     parser.add_argument("--gallery", type=int, default=10_000)
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--rate", type=float, default=5.0, help="background enrollments/s on each replica")
+    parser.add_argument("--parts", default="writes,throughput,lag", help="which measurements, comma-separated")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
 
     tmp = Path(tempfile.mkdtemp(prefix="reid-bench-replicas-"))
     checkpoint = args.checkpoint or make_checkpoint(tmp / "hacnn.safetensors")
@@ -201,31 +203,40 @@ def main() -> None:
             seed_onnx_cache(tmp / "template", tmp / name)
             return ServiceProcess(checkpoint, tmp / name, database_url=url, device="cpu", log_level="warning")
 
-        writes = {n: store_writes(cluster.create_database(), info.embedding_dim, n, args.seconds) for n in (1, 4)}
+        writes = {n: store_writes(cluster.create_database(), info.embedding_dim, n, args.seconds)
+                  for n in (1, 4) if "writes" in parts}
         url = cluster.create_database()
         fill(url, info.fingerprint, info.embedding_dim, args.gallery)
+        one, two, lags = {}, {}, []
         a = replica("a", url).start()
         try:
-            one = {"embed": throughput([a], args.clients, args.seconds, embed_request),
-                   "query": throughput([a], args.clients, args.seconds, query_request)}
+            if "throughput" in parts:
+                one = {"embed": throughput([a], args.clients, args.seconds, embed_request),
+                       "query": throughput([a], args.clients, args.seconds, query_request)}
             b = replica("b", url).start()
             try:
-                two = {"embed": throughput([a, b], args.clients, args.seconds, embed_request),
-                       "query": throughput([a, b], args.clients, args.seconds, query_request)}
-                lags = sorted(propagation_lag(a, b, args.probes, args.rate))
+                if "throughput" in parts:
+                    two = {"embed": throughput([a, b], args.clients, args.seconds, embed_request),
+                           "query": throughput([a, b], args.clients, args.seconds, query_request)}
+                if "lag" in parts:
+                    lags = sorted(propagation_lag(a, b, args.probes, args.rate))
             finally:
                 b.stop()
         finally:
             a.stop()
 
-    print(f"\n| store writes (PostgreSQL {cluster.version} on this machine, fsync on) | transactions/s |\n|---|---|")
-    for n, rate in writes.items():
-        print(f"| one-entry enrollments, {n} thread(s) | {rate:.0f} |")
-    ms = [lag * 1000 for lag in lags]
-    print(f"\n| propagation A -> B, {args.probes} probes, {args.rate:g}+{args.rate:g} enrollments/s background"
-          " | p50 | p99 | max |\n|---|---|---|---|")
-    print(f"| 201 on A to B's index covering it | {statistics.median(ms):.1f} ms | "
-          f"{ms[int(0.99 * (len(ms) - 1))]:.1f} ms | {ms[-1]:.1f} ms |")
+    if writes:
+        print(f"\n| store writes (PostgreSQL {cluster.version} on this machine, fsync on) | transactions/s |\n|---|---|")
+        for n, rate in writes.items():
+            print(f"| one-entry enrollments, {n} thread(s) | {rate:.0f} |")
+    if lags:
+        ms = [lag * 1000 for lag in lags]
+        print(f"\n| propagation A -> B, {args.probes} probes, {args.rate:g}+{args.rate:g} enrollments/s background"
+              " | p50 | p99 | max |\n|---|---|---|---|")
+        print(f"| 201 on A to B's index covering it | {statistics.median(ms):.1f} ms | "
+              f"{ms[int(0.99 * (len(ms) - 1))]:.1f} ms | {ms[-1]:.1f} ms |")
+    if not one:
+        return
     print(f"\n| {args.clients} clients, gallery {args.gallery:,} | one replica | two replicas | two : one |"
           "\n|---|---|---|---|")
     for kind, label in (("embed", "/embed, 1 crop per request (img/s)"), ("query", "GET /query, exact, k=10 (req/s)")):
