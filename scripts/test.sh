@@ -2,8 +2,9 @@
 # Run the test suite from a fresh clone:
 #   bash scripts/test.sh [pytest arguments]
 # Installs the Debian packages the tests drive when they are missing (Chromium and
-# ChromeDriver for the page test, promtool and docker-compose for the packaging test),
-# sets up .venv with the dev extras, then runs pytest.
+# ChromeDriver for the page test, promtool, docker-compose and nginx for the packaging
+# test, PostgreSQL's server binaries for the store and replica tests, which start a
+# throw-away cluster of their own), sets up .venv with the dev extras, then runs pytest.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +15,8 @@ missing=()
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 command -v promtool > /dev/null || missing+=(prometheus)
 command -v docker-compose > /dev/null || missing+=(docker-compose)
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' > /dev/null || missing+=(postgresql)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     sudo=()

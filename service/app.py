@@ -17,8 +17,9 @@ from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.routers import crops, embed, gallery, health, metrics, page, query
 from service.routers.page import STATIC_DIR
-from service.services import build_services
+from service.services import StartupStatus, build_services
 from service.settings import Settings
+from service.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,14 @@ def _install_error_handlers(app: FastAPI, m: Metrics) -> None:
     async def client_error(request: Request, exc: ClientError) -> JSONResponse:
         m.errors.labels(exc.kind).inc()
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        # The request needed the store (a write, or browsing the gallery) and the database
+        # cannot be reached: nothing was written; queries go on from the local index.
+        m.errors.labels("store_unavailable").inc()
+        return JSONResponse({"detail": f"gallery store unavailable, try again: {exc}"}, status_code=503,
+                            headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -70,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Load in a worker thread so /healthz answers at once; /readyz turns 200 when done.
         async def start() -> None:
             try:
-                app.state.services = await asyncio.to_thread(build_services, settings, m)
+                app.state.services = await asyncio.to_thread(build_services, settings, m, app.state.startup)
                 log.info("ready")
             except Exception as e:
                 app.state.startup_error = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -80,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.startup.stopping.set()  # a start-up still waiting for the store gives up
             await asyncio.shield(task)  # the loading thread cannot be cancelled; let it finish
             if app.state.services is not None:
                 app.state.services.close()
@@ -95,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = m
     app.state.services = None
     app.state.startup_error = None
+    app.state.startup = StartupStatus()
     _install_error_handlers(app, m)
     # The body may carry the images' bytes plus multipart framing and form fields.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD, metrics=m)

@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--checkpoint", type=Path, help="serving checkpoint (env REID_CHECKPOINT)")
     common.add_argument("--data-dir", type=Path, help="gallery store and caches (env REID_DATA_DIR, default ./data)")
+    common.add_argument("--database-url", help="postgresql://user@host:port/db: the gallery in PostgreSQL, shared by"
+                        " replicas (env REID_DATABASE_URL; default: SQLite under the data dir)")
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], help="env REID_DEVICE (default auto)")
     common.add_argument("--backend", choices=["auto", "torch", "onnx"], help="env REID_BACKEND (default auto)")
     common.add_argument("--log-level", help="env REID_LOG_LEVEL (default info)")
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = ("checkpoint", "data_dir", "device", "backend", "log_level", "host", "port")
+    names = ("checkpoint", "data_dir", "database_url", "device", "backend", "log_level", "host", "port")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
         return Settings(**overrides)

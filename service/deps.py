@@ -18,7 +18,7 @@ from service.services import Services
 async def get_services(request: Request) -> Services:
     services = request.app.state.services
     if services is None:
-        reason = request.app.state.startup_error or "model and gallery are still loading"
+        reason = request.app.state.startup_error or request.app.state.startup.detail
         raise ClientError(503, "not_ready", f"service not ready: {reason}")
     return services
 

@@ -1,10 +1,14 @@
 """The background thread that keeps the index in step with the store while the service runs.
 
 Each round: wait for the store to say something may have changed (SQLite: a short sleep;
-a backend with notifications wakes at once), apply the new changes, then snapshot the index
-when enough changed or enough time passed, and rebuild it when its kind no longer fits the
-gallery or too many slots are dead. The applying itself is ``Gallery.catch_up``, the same
-code the writer's own read-your-writes uses.
+PostgreSQL: a notification wakes it at once, and the interval is the safety net), apply the
+new changes, then snapshot the index when enough changed or enough time passed, and rebuild
+it when its kind no longer fits the gallery or too many slots are dead. The applying itself
+is ``Gallery.catch_up``, the same code the writer's own read-your-writes uses.
+
+When the store cannot be reached, rounds fail and are retried with backoff (at most
+``FAILURE_BACKOFF_MAX_S`` apart); searches go on from the index, which is then *stale*:
+not confirmed against the store for longer than ``FollowPolicy.stale_after_s``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from service.gallery import Gallery
 log = logging.getLogger(__name__)
 
 REBUILD_RETRY_S = 600.0
+FAILURE_BACKOFF_MAX_S = 5.0  # a store back online is followed again within this
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,11 @@ class FollowPolicy:
     snapshot_every_changes: int = 10_000
     snapshot_every_s: float = 300.0
     rebuild: bool = True
+
+    @property
+    def stale_after_s(self) -> float:
+        """The index is called stale once it has not been confirmed against the store for this long."""
+        return max(2.0, 8 * self.interval_s)
 
 
 class Follower:
@@ -37,6 +47,16 @@ class Follower:
         self._thread = threading.Thread(target=self._run, name="reid-follower", daemon=True)
         self._rebuilding: threading.Thread | None = None
         self._rebuild_failed_at = -float("inf")
+        self.head = gallery.position  # the store's head at the last look
+        self._synced_at = time.monotonic()  # the index held every change committed before this
+
+    def sync_age(self) -> float:
+        """Seconds since the index was last confirmed up to date with the store."""
+        return time.monotonic() - self._synced_at
+
+    @property
+    def stale(self) -> bool:
+        return self.sync_age() > self.policy.stale_after_s
 
     def start(self) -> "Follower":
         self._thread.start()
@@ -60,7 +80,10 @@ class Follower:
 
     def run_once(self) -> None:
         g = self.gallery
-        g.catch_up()
+        started = time.monotonic()
+        self.head = g.store.head()
+        g.catch_up()  # up to an empty read: everything committed before `started` is applied
+        self._synced_at = started
         if self.rebuilding:
             return  # snapshot the new index once it serves, not the old one
         retry = time.monotonic() - self._rebuild_failed_at > REBUILD_RETRY_S
@@ -98,4 +121,4 @@ class Follower:
                 self._on_error(e)
                 if failures == 1 or failures % 100 == 0:
                     log.warning("following the gallery log failed (%d in a row): %s", failures, e)
-                self._stop.wait(min(30.0, self.policy.interval_s * 2 ** min(failures, 7)))
+                self._stop.wait(min(FAILURE_BACKOFF_MAX_S, self.policy.interval_s * 2 ** min(failures, 7)))

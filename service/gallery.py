@@ -25,7 +25,7 @@ import numpy as np
 
 from service.index import IndexPlanSettings, Match, SearchSettings, VectorIndex, plan_index
 from service.snapshot import SnapshotKey, SnapshotRejected, load_snapshot, save_snapshot
-from service.store import ChangeBatch, EntryRow, GalleryStore, NewEntry, ScanBatch, stale_count
+from service.store import ChangeBatch, EntryRow, GalleryStore, NewEntry, ScanBatch, StoreError, stale_count
 
 log = logging.getLogger(__name__)
 
@@ -192,15 +192,23 @@ class Gallery:
         """Commit the entries (one transaction), then make them searchable before returning."""
         entries = [NewEntry(vector=v, camera=camera, crop=c) for v, c in zip(vectors, crops)]
         written = self.store.add_entries(identity, entries, self.fingerprint)
-        self.catch_up(until=written.position)
+        self._catch_up_after_write(written.position)
         return written.rows or []
 
     def delete(self, identity: str) -> bool:
         written = self.store.delete_identity(identity)
         if written is None:
             return False
-        self.catch_up(until=written.position)
+        self._catch_up_after_write(written.position)
         return True
+
+    def _catch_up_after_write(self, position: int) -> None:
+        """Read-your-writes. The write is committed: a store lost just after it must not turn
+        it into an error (a retry would write it twice); the follower applies it later."""
+        try:
+            self.catch_up(until=position)
+        except StoreError as e:
+            log.warning("write committed at log position %d, searchable here once the store is back: %s", position, e)
 
     # -- reads ---------------------------------------------------------------------------
 

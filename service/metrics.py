@@ -31,6 +31,23 @@ class Metrics:
         self.follow_errors = Counter(
             "reid_gallery_follow_errors", "Rounds of following the gallery log (or rebuilding the index) that failed", registry=r
         )
+        self.log_head = Gauge(
+            "reid_gallery_log_head", "The store's last committed log position, at the follower's last look "
+            "(minus reid_gallery_log_position: changes not yet searchable here)", registry=r,
+        )
+        self.sync_age = Gauge(
+            "reid_gallery_sync_age_seconds", "Seconds since this process's index was last confirmed up to date "
+            "with the gallery store (about the follow interval when healthy; grows while the store is unreachable)",
+            registry=r,
+        )
+        self.stale = Gauge(
+            "reid_gallery_stale", "1 while queries answer from an index not confirmed against the store for a while",
+            registry=r,
+        )
+        self.store_reconnects = Counter(
+            "reid_gallery_store_reconnects", "Times the follower's connection to the gallery database was made again "
+            "after being lost", registry=r,
+        )
         self.errors = Counter("reid_errors", "Requests refused or failed, by kind", ["kind"], registry=r)
         self.model_info = Info("reid_model", "The model being served", registry=r)
         for stage in STAGES:  # export every series from the start, at zero
@@ -43,6 +60,12 @@ class Metrics:
         self.stale_entries.set(stats.stale_entries)
         self.gallery_position.set(stats.position)
         self.index_info.info({"kind": stats.index_kind})
+
+    def watch_follower(self, follower) -> None:
+        """Read the follower's state at each scrape."""
+        self.log_head.set_function(lambda: follower.head)
+        self.sync_age.set_function(follower.sync_age)
+        self.stale.set_function(lambda: float(follower.stale))
 
     def observe_batch(self, size: int, inference_s: float, queue_waits: list[float]) -> None:
         self.batch_size.observe(size)

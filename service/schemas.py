@@ -93,6 +93,11 @@ class MatchItem(BaseModel):
 class QueryResponse(BaseModel):
     matches: list[MatchItem]
     gallery_size: int
+    gallery_stale: bool = Field(
+        description="true when this replica's index has not been confirmed against the gallery store for a while "
+        "(the store is unreachable): the ranking may miss recent enrollments and deletions"
+    )
+    gallery_sync_age_s: float = Field(description="seconds since the index was last confirmed up to date with the store")
 
 
 class Health(BaseModel):
@@ -112,3 +117,7 @@ class Readiness(BaseModel):
     stale_entries: int | None = None
     log_position: int | None = Field(None, description="gallery change-log position the index covers")
     index: str | None = Field(None, description="index kind in use: flat (exact), ivf or hnsw (approximate)")
+    gallery_store: str | None = Field(None, description="the gallery store: a SQLite file, or a PostgreSQL URL without password")
+    gallery_stale: bool | None = Field(
+        None, description="true while the index has not been confirmed against the store for a while (store unreachable)"
+    )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import faiss
 
@@ -15,14 +17,24 @@ from service.follower import Follower, FollowPolicy
 from service.gallery import Gallery
 from service.index import IndexPlanSettings, SearchSettings, exact_max_entries
 from service.metrics import Metrics
+from service.postgres_store import PostgresStore, describe_url
 from service.settings import Settings
 from service.sqlite_store import SQLiteStore
-from service.store import GalleryStore
+from service.store import GalleryStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 STORE_FILE = "gallery.sqlite3"
 SNAPSHOT_DIR = "index"
+STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S = 0.5, 15.0  # start-up waiting for an unreachable store
+
+
+@dataclass
+class StartupStatus:
+    """What start-up is doing (for /readyz), and a way to make it stop waiting."""
+
+    detail: str = "loading model and gallery"
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -46,8 +58,16 @@ class Services:
         self.gallery.store.close()
 
 
-def open_store(settings: Settings) -> GalleryStore:
+def open_store(settings: Settings, on_reconnect: Callable[[], None] | None = None) -> GalleryStore:
+    """PostgreSQL when a database URL is set (replicas share it), else SQLite under the data dir."""
+    if settings.database_url:
+        return PostgresStore(settings.database_url, pool_size=settings.database_pool_size,
+                             timeout_s=settings.database_timeout_s, on_reconnect=on_reconnect)
     return SQLiteStore(settings.data_dir / STORE_FILE)
+
+
+def store_name(settings: Settings) -> str:
+    return describe_url(settings.database_url) if settings.database_url else str(settings.data_dir / STORE_FILE)
 
 
 def index_plan(settings: Settings, dim: int) -> IndexPlanSettings:
@@ -85,21 +105,47 @@ def open_gallery(settings: Settings, store: GalleryStore, fingerprint: str, dim:
         faiss.omp_set_num_threads(settings.search_threads)
 
 
-def build_services(settings: Settings, metrics: Metrics) -> Services:
+def open_gallery_when_reachable(
+    settings: Settings, fingerprint: str, dim: int, metrics: Metrics, status: StartupStatus
+) -> Gallery:
+    """Open the store and the gallery, retrying with backoff while the store is unreachable
+    (a database still starting, or down); /readyz says why meanwhile."""
+    delay = STORE_RETRY_FIRST_S
+    while True:
+        try:
+            store = open_store(settings, on_reconnect=metrics.store_reconnects.inc)
+            try:
+                return open_gallery(settings, store, fingerprint, dim, metrics)
+            except BaseException:
+                store.close()
+                raise
+        except StoreUnavailable as e:
+            reason = str(e)
+        status.detail = f"waiting for the gallery store ({reason}); next try in {delay:.1f} s"
+        log.warning("gallery store unreachable, next try in %.1f s: %s", delay, reason)
+        if status.stopping.wait(delay):
+            raise StartupError(f"stopped while waiting for the gallery store: {reason}")
+        delay = min(delay * 2, STORE_RETRY_MAX_S)
+
+
+def build_services(settings: Settings, metrics: Metrics, status: StartupStatus | None = None) -> Services:
     """Load the model, open the store, load or build the index: the slow part of start-up."""
+    status = status or StartupStatus()
     embedder = load_model(settings)
     info = embedder.info
     metrics.model_info.info(
         {"arch": info.arch, "fingerprint": info.fingerprint, "backend": embedder.backend, "device": embedder.device}
     )
-    store = open_store(settings)
-    gallery = open_gallery(settings, store, info.fingerprint, info.embedding_dim, metrics)
+    status.detail = f"opening the gallery store {store_name(settings)}"
+    gallery = open_gallery_when_reachable(settings, info.fingerprint, info.embedding_dim, metrics, status)
     metrics.observe_gallery(gallery.stats)
     policy = FollowPolicy(
         interval_s=settings.follow_interval_s, snapshot_every_changes=settings.snapshot_every_changes,
         snapshot_every_s=settings.snapshot_every_s,
     )
-    follower = Follower(gallery, policy, on_error=lambda e: metrics.follow_errors.inc()).start()
+    follower = Follower(gallery, policy, on_error=lambda e: metrics.follow_errors.inc())
+    metrics.watch_follower(follower)
+    follower.start()
     batcher = Batcher(
         embedder.embed, max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000.0, workers=embedder.workers, on_batch=metrics.observe_batch,

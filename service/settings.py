@@ -18,6 +18,14 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     data_dir: Path = Field(Path("./data"), description="gallery store, ONNX cache")
+    database_url: str | None = Field(
+        None, description="postgresql://user@host:port/db: the gallery in PostgreSQL, shared by several replicas "
+        "(password: PGPASSWORD or ~/.pgpass rather than the URL). Unset: SQLite under data_dir",
+    )
+    database_pool_size: int = Field(8, ge=1, le=256, description="most PostgreSQL connections per process")
+    database_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="longest a request waits for a PostgreSQL connection before answering 503"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     backend: Literal["auto", "torch", "onnx"] = Field("auto", description="auto: onnx on CPU, torch on CUDA")
     max_batch_size: int = Field(32, ge=1, le=1024, description="most images per forward pass")

@@ -9,8 +9,8 @@ idempotent, and a follower that has applied every change up to position P has th
 the store had at P or later. docs/gallery.md explains why nothing can be skipped or applied
 twice.
 
-``service.sqlite_store.SQLiteStore`` is the embedded backend. A second backend plugs in by
-implementing ``GalleryStore``.
+``service.sqlite_store.SQLiteStore`` is the embedded backend; ``service.postgres_store.PostgresStore``
+holds one gallery for several service replicas.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ import numpy as np
 
 class StoreError(RuntimeError):
     """The store cannot do what was asked (unreachable, damaged, wrong schema); one-line reason."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (a database server down or cut off); trying again may work.
+    Nothing was written by the call that raised it, unless the connection was lost during COMMIT."""
 
 
 @dataclass(frozen=True)

@@ -36,3 +36,13 @@ def trained_like():
         return _as_if_trained(build_model(arch, **config), seed).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL cluster for the whole run (tests/pg_support.py); each test that
+    uses it makes a database of its own with ``postgres.create_database()``."""
+    from tests.pg_support import PostgresCluster
+
+    with PostgresCluster() as cluster:
+        yield cluster

@@ -99,6 +99,10 @@ class ServiceProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ServiceProcess":
+        return self.launch().wait_ready()
+
+    def launch(self) -> "ServiceProcess":
+        """Start the process without waiting for it to be ready."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -106,6 +110,9 @@ class ServiceProcess:
              "--port", str(self.port), "--log-level", self.env.get("REID_LOG_LEVEL", "warning")],
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
+        return self
+
+    def wait_ready(self) -> "ServiceProcess":
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -133,7 +140,9 @@ class ServiceProcess:
         self._log.close()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return  # never launched
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)

@@ -1,5 +1,6 @@
 """The gallery in-process: the index kinds, the store's change log, following it, snapshots,
-rebuilds, and the checks of import-vectors. Real SQLite and FAISS throughout."""
+rebuilds, and the checks of import-vectors. Real SQLite, PostgreSQL and FAISS throughout: the
+store and gallery tests run against both backends (the `backend` fixture)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import logging
 import shutil
 import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from service.gallery import Gallery
 from service.index import IndexPlanSettings, IndexSpec, SearchSettings, VectorIndex, ivf_lists_for, plan_index
+from service.postgres_store import PostgresStore
 from service.sqlite_store import SQLiteStore
-from service.store import NewEntry
+from service.store import GalleryStore, NewEntry
 from service.vector_import import VectorFileError, import_vectors, read_vector_file
 
 DIM = 16
@@ -137,8 +141,57 @@ def test_compressed_gallery_rescores_from_the_store_and_answers_without_it(tmp_p
 # -- the store's log ----------------------------------------------------------------------
 
 
-def test_every_write_gets_growing_positions_in_one_transaction(tmp_path):
-    store = SQLiteStore(tmp_path / "g.sqlite3")
+class Backend:
+    """Opens stores onto one gallery: a SQLite file under tmp_path, or a fresh PostgreSQL
+    database. Each ``open()`` is a new connection, as another process would have."""
+
+    def __init__(self, name: str, tmp_path, cluster=None):
+        self.name, self.tmp_path, self.cluster = name, tmp_path, cluster
+        self.url = cluster.create_database() if cluster else None
+        self.opened: list[GalleryStore] = []
+
+    def open(self) -> GalleryStore:
+        store = PostgresStore(self.url) if self.cluster else SQLiteStore(self.tmp_path / "g.sqlite3")
+        self.opened.append(store)
+        return store
+
+    def another(self, tmp_path) -> "Backend":
+        """Another gallery of the same kind."""
+        other = Backend(self.name, tmp_path, self.cluster)
+        other.opened = self.opened  # closed with this one
+        return other
+
+    def restore_older(self, work) -> None:
+        """Copy the gallery (a backup), run ``work()`` on the original, then put the copy back."""
+        if self.cluster is None:
+            shutil.copy(self.tmp_path / "g.sqlite3", self.tmp_path / "older.sqlite3")
+            work()
+            (self.tmp_path / "g.sqlite3-wal").unlink(missing_ok=True)
+            shutil.copy(self.tmp_path / "older.sqlite3", self.tmp_path / "g.sqlite3")
+        else:
+            import psycopg
+
+            older = f"{self.url.rsplit('/', 1)[1]}_older"
+            with psycopg.connect(self.cluster.url(), autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE {older} TEMPLATE {self.url.rsplit('/', 1)[1]}")
+            work()
+            self.url = self.cluster.url(older)
+
+    def close(self) -> None:
+        for store in self.opened:
+            store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path):
+    cluster = request.getfixturevalue("postgres") if request.param == "postgres" else None
+    b = Backend(request.param, tmp_path, cluster)
+    yield b
+    b.close()
+
+
+def test_every_write_gets_growing_positions_in_one_transaction(backend):
+    store = backend.open()
     v = unit(np.random.default_rng(3), 4)
     a = store.add_entries("a", [NewEntry(v[0]), NewEntry(v[1])], "fp")
     b = store.add_groups([("b", [NewEntry(v[2])]), ("c", [NewEntry(v[3])])], "fp")
@@ -161,18 +214,27 @@ def test_every_write_gets_growing_positions_in_one_transaction(tmp_path):
     assert store.changes_after(0, 3).last_position == 3
 
 
-def test_store_is_durable_and_ids_never_reused(tmp_path):
-    store = SQLiteStore(tmp_path / "g.sqlite3")
+def test_store_is_durable_and_ids_never_reused(backend):
+    store = backend.open()
     first = store.add_entries("a", [NewEntry(np.ones(4, np.float32), 1, b"jpg")], "fp")
     store.delete_identity("a")
     second = store.add_entries("a", [NewEntry(np.ones(4, np.float32), 1, b"jpg")], "fp")
     assert second.entry_ids[0] > first.entry_ids[0]
     store.close()
-    reopened = SQLiteStore(tmp_path / "g.sqlite3")
+    reopened = backend.open()
     (row,) = reopened.identity_entries("a")
     assert row.camera == 1 and row.has_crop and reopened.crop(row.entry_id) == b"jpg"
-    assert reopened._query("PRAGMA journal_mode")[0][0] == "wal"
-    assert reopened._query("PRAGMA synchronous")[0][0] == 2  # FULL
+    if isinstance(reopened, SQLiteStore):
+        assert reopened._query("PRAGMA journal_mode")[0][0] == "wal"
+        assert reopened._query("PRAGMA synchronous")[0][0] == 2  # FULL
+    else:  # even where the database's default says otherwise
+        import psycopg
+
+        with psycopg.connect(backend.url, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {backend.url.rsplit('/', 1)[1]} SET synchronous_commit = off")
+        with psycopg.connect(backend.url) as conn:
+            assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+        assert backend.open()._query("SHOW synchronous_commit")[0][0] == "on"
     assert reopened.store_id == store.store_id and reopened.head() == 3
 
 
@@ -204,8 +266,8 @@ def test_a_store_from_before_the_log_is_migrated(tmp_path):
 # -- the gallery following the log ---------------------------------------------------------
 
 
-def open_gallery(tmp_path, plan=FLAT, fingerprint="fp", store=None) -> Gallery:
-    store = store or SQLiteStore(tmp_path / "g.sqlite3")
+def open_gallery(tmp_path, plan=FLAT, fingerprint="fp", store=None, backend: Backend | None = None) -> Gallery:
+    store = store or (backend.open() if backend else SQLiteStore(tmp_path / "g.sqlite3"))
     return Gallery.open(store, fingerprint=fingerprint, dim=DIM, plan=plan, search=SearchSettings(),
                         snapshot_dir=tmp_path / "index")
 
@@ -219,12 +281,12 @@ def enroll_people(gallery: Gallery, rng, people: int, per_person: int = 3) -> di
     return vectors
 
 
-def test_enrollment_is_searchable_when_it_returns_and_a_second_writer_is_followed(tmp_path):
-    gallery = open_gallery(tmp_path)
+def test_enrollment_is_searchable_when_it_returns_and_a_second_writer_is_followed(tmp_path, backend):
+    gallery = open_gallery(tmp_path, backend=backend)
     rng = np.random.default_rng(5)
     vectors = enroll_people(gallery, rng, 4)
     assert gallery.search(vectors["p2"][1], 1)[0].identity == "p2"  # read-your-writes
-    other = SQLiteStore(tmp_path / "g.sqlite3")  # another process's connection (an import)
+    other = backend.open()  # another process's connection (an import, another replica)
     outside = unit(rng, 2)
     other.add_entries("outside", [NewEntry(v) for v in outside], "fp")
     other.delete_identity("p0")
@@ -235,13 +297,13 @@ def test_enrollment_is_searchable_when_it_returns_and_a_second_writer_is_followe
     assert (gallery.stats.entries, gallery.stats.identities, gallery.position) == (11, 4, other.head())
 
 
-def test_concurrent_writers_and_followers_end_in_the_store_state(tmp_path):
-    gallery = open_gallery(tmp_path)
+def test_concurrent_writers_and_followers_end_in_the_store_state(tmp_path, backend):
+    gallery = open_gallery(tmp_path, backend=backend)
     rng = np.random.default_rng(6)
     vectors = unit(rng, 200)
 
     def writer(w: int) -> None:
-        store = SQLiteStore(tmp_path / "g.sqlite3")
+        store = backend.open()
         for i in range(w, 200, 4):
             store.add_entries(f"w{w}-{i % 5}", [NewEntry(vectors[i])], "fp")
             if i % 7 == 0:
@@ -263,9 +325,48 @@ def test_concurrent_writers_and_followers_end_in_the_store_state(tmp_path):
     assert found == expected
 
 
+def test_positions_are_in_commit_order_when_writers_race(tmp_path, backend):
+    """The race a sequence loses: writer A takes the next position and keeps its transaction
+    open; writer B writes meanwhile; a follower reads in between. If B could commit a later
+    position first, the follower would move past A's position and never apply A."""
+    follower = open_gallery(tmp_path, backend=backend)
+    a_store, b_store = backend.open(), backend.open()
+    v = unit(np.random.default_rng(20), 2)
+    a_holds, release_a, b_done = threading.Event(), threading.Event(), threading.Event()
+    taking_positions = a_store._transaction
+
+    @contextmanager
+    def held_open():
+        with taking_positions() as tx:
+            yield tx
+            a_holds.set()  # A's entry and change are written, its position taken, not committed
+            assert release_a.wait(30)
+
+    a_store._transaction = held_open
+    a = threading.Thread(target=lambda: a_store.add_entries("a", [NewEntry(v[0])], "fp"))
+    # B shares no row with A (another identity, another model's count: an import or a reembed
+    # job), so nothing but the log itself can put the two in order.
+    b = threading.Thread(target=lambda: (b_store.add_entries("b", [NewEntry(v[1])], "fp-other"), b_done.set()))
+    a.start()
+    assert a_holds.wait(30)
+    b.start()
+    time.sleep(0.5)  # long enough for B to commit, if it could take a position
+    follower.catch_up()  # the follower reads in between
+    # B cannot take a position while A's is uncommitted: nothing after A's position for the follower to skip to.
+    assert not b_done.is_set() and follower.position == 0
+    release_a.set()
+    a.join(30)
+    b.join(30)
+    assert b_done.is_set()
+    assert follower.catch_up() == 2 and follower.position == 2 == backend.open().head()
+    assert follower.search(v[0], 1)[0].identity == "a" and follower.stats.stale_entries == 1
+    a_entry = a_store.identity_entries("a")[0].entry_id
+    assert a_store.changes_after(0, 1).present[0].entry_id == a_entry  # A committed first: position 1
+
+
 @pytest.mark.parametrize("plan", [FLAT, HNSW], ids=["flat", "hnsw"])
-def test_snapshot_round_trip_replays_newer_changes_exactly_once(tmp_path, plan):
-    gallery = open_gallery(tmp_path, plan)
+def test_snapshot_round_trip_replays_newer_changes_exactly_once(tmp_path, plan, backend):
+    gallery = open_gallery(tmp_path, plan, backend=backend)
     rng = np.random.default_rng(7)
     vectors = enroll_people(gallery, rng, 6)
     gallery.snapshot()
@@ -275,7 +376,7 @@ def test_snapshot_round_trip_replays_newer_changes_exactly_once(tmp_path, plan):
     assert gallery.delete("p1")  # after the snapshot: must not come back
     gallery.store.close()
 
-    again = open_gallery(tmp_path, plan)
+    again = open_gallery(tmp_path, plan, backend=backend)
     assert again.replayed_at_open == 5  # 2 enrolled + 3 deleted, each once
     assert again._index.dead_fraction == 3 / 20  # p1's 3 of 18 + 2 slots: none added twice
     assert again.stats.entries == 6 * 3 - 3 + 2
@@ -285,86 +386,87 @@ def test_snapshot_round_trip_replays_newer_changes_exactly_once(tmp_path, plan):
         [m for m in before if m.identity != "p1"][:4]
 
 
-def test_deleted_identity_stays_gone_after_snapshot_and_restart(tmp_path):
-    gallery = open_gallery(tmp_path, HNSW)
+def test_deleted_identity_stays_gone_after_snapshot_and_restart(tmp_path, backend):
+    gallery = open_gallery(tmp_path, HNSW, backend=backend)
     rng = np.random.default_rng(8)
     vectors = enroll_people(gallery, rng, 4)
     assert gallery.delete("p2")
     gallery.snapshot()  # the snapshot holds p2's vectors in dead slots
     gallery.store.close()
-    again = open_gallery(tmp_path, HNSW)
+    again = open_gallery(tmp_path, HNSW, backend=backend)
     assert again.replayed_at_open == 0
     assert all(m.identity != "p2" for m in again.search(vectors["p2"][0], 10, by="entry"))
     assert again.identity_entries("p2") is None
 
 
-def damage(tmp_path) -> None:
+def damage(tmp_path, backend) -> None:
     path = next((tmp_path / "index").glob("*.faiss"))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
-def foreign(tmp_path) -> None:
+def foreign(tmp_path, backend) -> None:
     other = tmp_path / "other"
     other.mkdir()
-    g = open_gallery(other)
+    g = open_gallery(other, backend=backend.another(other))
     enroll_people(g, np.random.default_rng(9), 6)
     g.snapshot()
     shutil.rmtree(tmp_path / "index")
     shutil.copytree(other / "index", tmp_path / "index")
 
 
-def ahead(tmp_path) -> None:
+def ahead(tmp_path, backend) -> None:
     """The store restored from an older backup: the snapshot covers changes it no longer has."""
-    shutil.copy(tmp_path / "g.sqlite3", tmp_path / "older.sqlite3")
-    g = open_gallery(tmp_path)
-    enroll_people(g, np.random.default_rng(10), 2)
-    g.snapshot()
-    g.store.close()
-    (tmp_path / "g.sqlite3-wal").unlink(missing_ok=True)
-    shutil.copy(tmp_path / "older.sqlite3", tmp_path / "g.sqlite3")
+
+    def more_then_snapshot():
+        g = open_gallery(tmp_path, backend=backend)
+        enroll_people(g, np.random.default_rng(10), 2)
+        g.snapshot()
+        g.store.close()
+
+    backend.restore_older(more_then_snapshot)
 
 
 @pytest.mark.parametrize("spoil, reason", [
-    (lambda tmp: (tmp / "index" / "manifest.json").unlink(), "no snapshot"),
+    (lambda tmp, _: (tmp / "index" / "manifest.json").unlink(), "no snapshot"),
     (damage, "damaged"),
-    (lambda tmp: (tmp / "index" / "manifest.json").write_text("{not json"), "unreadable manifest"),
+    (lambda tmp, _: (tmp / "index" / "manifest.json").write_text("{not json"), "unreadable manifest"),
     (foreign, "another gallery store"),
     (ahead, "past the store's last"),
 ])
-def test_unusable_snapshot_is_rebuilt_from_the_store_with_one_log_line(tmp_path, caplog, spoil, reason):
-    gallery = open_gallery(tmp_path)
+def test_unusable_snapshot_is_rebuilt_from_the_store_with_one_log_line(tmp_path, caplog, spoil, reason, backend):
+    gallery = open_gallery(tmp_path, backend=backend)
     vectors = enroll_people(gallery, np.random.default_rng(11), 5)
     gallery.snapshot()
     gallery.store.close()
-    spoil(tmp_path)
+    spoil(tmp_path, backend)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="service.gallery"):
-        again = open_gallery(tmp_path)
+        again = open_gallery(tmp_path, backend=backend)
     lines = [r.getMessage() for r in caplog.records if "snapshot not used" in r.getMessage()]
     assert len(lines) == 1 and reason in lines[0], lines
     assert again.stats.entries == 15 and again.search(vectors["p4"][2], 1)[0].identity == "p4"
 
 
-def test_snapshot_of_another_model_or_index_setting_is_not_used(tmp_path, caplog):
-    gallery = open_gallery(tmp_path)
+def test_snapshot_of_another_model_or_index_setting_is_not_used(tmp_path, caplog, backend):
+    gallery = open_gallery(tmp_path, backend=backend)
     enroll_people(gallery, np.random.default_rng(12), 3)
     gallery.snapshot()
     gallery.store.close()
     with caplog.at_level(logging.INFO, logger="service.gallery"):
-        other_model = open_gallery(tmp_path, fingerprint="fp-new")
+        other_model = open_gallery(tmp_path, fingerprint="fp-new", backend=backend)
         other_model.store.close()
-        other_kind = open_gallery(tmp_path, HNSW)
+        other_kind = open_gallery(tmp_path, HNSW, backend=backend)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "made for model fp" in messages and "other index settings" in messages
     assert other_model.stats.entries == 0 and other_model.stats.stale_entries == 9
     assert other_kind.stats.entries == 9 and other_kind.stats.index_kind == "hnsw"
 
 
-def test_background_rebuild_swaps_in_a_fitting_index_without_losing_changes(tmp_path):
+def test_background_rebuild_swaps_in_a_fitting_index_without_losing_changes(tmp_path, backend):
     plan = IndexPlanSettings(setting="auto", exact_max_entries=50, ivf_lists=2)
-    gallery = open_gallery(tmp_path, plan)
+    gallery = open_gallery(tmp_path, plan, backend=backend)
     rng = np.random.default_rng(13)
     vectors = enroll_people(gallery, rng, 40)  # 120 entries: past the exact limit, IVF now fits
     assert gallery.stats.index_kind == "flat"
@@ -433,11 +535,11 @@ def test_bad_vector_files_name_the_problem(tmp_path, change, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_vectors_are_normalised_and_import_resumes_after_the_last_whole_chunk(tmp_path):
+def test_vectors_are_normalised_and_import_resumes_after_the_last_whole_chunk(tmp_path, backend):
     data = read_vector_file(write_npz(tmp_path / "v.npz", **good_arrays(n=10)), DIM)
     np.testing.assert_allclose(np.linalg.norm(data.vectors, axis=1), 1.0, atol=1e-6)
     assert data.cameras[:3] == [None, 0, 1]
-    store = SQLiteStore(tmp_path / "g.sqlite3")
+    store = backend.open()
     real_add = store.add_groups
     calls = []
 

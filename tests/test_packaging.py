@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,14 +37,14 @@ READY_TIMEOUT_S = 300
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without REID_*/GRAFANA_* settings, so the tests see the defaults."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REID_", "GRAFANA_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REID_", "GRAFANA_", "POSTGRES_", "PG"))}
     env.update(extra)
     return env
 
 
-def compose_config(**env: str) -> subprocess.CompletedProcess:
+def compose_config(*options: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), *options, "config"],
         cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=120,
     )
 
@@ -184,6 +185,73 @@ def test_compose_ships_no_secret_and_starts_without_configuration():
     grafana = yaml.safe_load(result.stdout)["services"]["grafana"]["environment"]
     assert not grafana.get("GF_SECURITY_ADMIN_PASSWORD")
     assert grafana["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+SCALE = ("postgres", "reid-1", "reid-2", "nginx")
+NGINX_CONF = ROOT / "docker" / "nginx" / "nginx.conf"
+
+
+def test_compose_scale_profile_runs_replicas_over_postgres_behind_nginx():
+    result = compose_config("--profile", "scale", POSTGRES_PASSWORD="from-env")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in SCALE:
+        assert services[name]["profiles"] == ["scale"], name
+    assert "profiles" not in services["reid"]  # `docker compose up` alone: the single service as before
+
+    postgres = services["postgres"]
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == "from-env"
+    assert mounts(postgres)["/var/lib/postgresql/data"] == "postgres-data"
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+
+    replicas = [services["reid-1"], services["reid-2"]]
+    data_volumes = [mounts(r)["/data"] for r in replicas]
+    assert len(set(data_volumes)) == 2, "each replica needs its own data dir (index snapshot)"
+    for r in replicas:
+        env = r["environment"]
+        assert env["REID_DATABASE_URL"] == "postgresql://reid@postgres:5432/reid"  # no password in it
+        assert env["PGPASSWORD"] == "from-env"
+        assert env["REID_CHECKPOINT"] == "/checkpoints/model.safetensors"  # one model for all replicas
+        assert mounts(r)["/checkpoints"] == str(ROOT / "checkpoints")
+        assert r["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert r["build"]["context"] == str(ROOT)
+
+    nginx = services["nginx"]
+    assert mounts(nginx)["/etc/nginx/nginx.conf"] == str(NGINX_CONF)
+    assert set(nginx["depends_on"]) == {"reid-1", "reid-2"}
+    assert any(str(p["target"]) == "8080" for p in nginx["ports"])
+
+    jobs = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())["scrape_configs"]
+    scraped = {t for job in jobs for c in job["static_configs"] for t in c["targets"]}
+    assert {"reid-1:8000", "reid-2:8000"} <= scraped
+
+
+def test_compose_writes_no_database_password():
+    raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert raw["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD}"
+    assert raw["x-replica"]["environment"]["PGPASSWORD"] == "${POSTGRES_PASSWORD}"
+    assert "password" not in raw["x-replica"]["environment"]["REID_DATABASE_URL"].lower()
+
+
+def test_nginx_config_passes_nginx_t_and_balances_every_replica(tmp_path):
+    upstreams = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", NGINX_CONF.read_text(), re.M)
+    replicas = {name for name in yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+                if name.startswith("reid-")}
+    assert {host for host, _ in upstreams} == replicas and {port for _, port in upstreams} == {"8000"}
+    # nginx resolves upstream names when it checks the config: give the compose service names
+    # addresses in a private mount namespace, as the compose network's DNS would.
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n" + "".join(f"127.0.0.1 {name}\n" for name in sorted(replicas)))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    as_root = [] if os.geteuid() == 0 else ["--map-root-user"]
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", *as_root, "sh", "-c",
+         'mount --bind "$1" /etc/hosts && exec "$2" -t -c "$3" -e "$4" -g "pid $5;"', "sh",
+         str(hosts), nginx, str(NGINX_CONF), str(tmp_path / "error.log"), str(tmp_path / "nginx.pid")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "syntax is ok" in result.stderr and "test is successful" in result.stderr
 
 
 # ---- Prometheus and Grafana -------------------------------------------------

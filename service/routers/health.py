@@ -4,6 +4,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.schemas import Health, Readiness
+from service.services import store_name
 
 router = APIRouter(tags=["health"])
 
@@ -20,12 +21,12 @@ def readyz(request: Request):
     services = request.app.state.services
     if services is None:
         error = request.app.state.startup_error
-        body = Readiness(status="failed" if error else "starting", detail=error or "loading model and gallery")
+        body = Readiness(status="failed" if error else "starting", detail=error or request.app.state.startup.detail)
         return JSONResponse(body.model_dump(), status_code=503)
     info, stats = services.embedder.info, services.gallery.stats
     return Readiness(
         status="ready", model=info.model_name, arch=info.arch, fingerprint=info.fingerprint,
         backend=services.embedder.backend, device=services.embedder.device, gallery_size=stats.entries,
         identities=stats.identities, stale_entries=stats.stale_entries, log_position=stats.position,
-        index=stats.index_kind,
+        index=stats.index_kind, gallery_store=store_name(services.settings), gallery_stale=services.follower.stale,
     )

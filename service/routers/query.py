@@ -49,7 +49,8 @@ async def _search(services: Services, vector: np.ndarray, params: QueryParams) -
     services.metrics.stage_duration.labels("search").observe(time.perf_counter() - started)
     return QueryResponse(
         matches=[MatchItem(identity=m.identity, score=m.score, entry_id=m.entry_id, camera=m.camera) for m in matches],
-        gallery_size=services.gallery.stats.entries,
+        gallery_size=services.gallery.stats.entries, gallery_stale=services.follower.stale,
+        gallery_sync_age_s=round(services.follower.sync_age(), 3),
     )
 
 
