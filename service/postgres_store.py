@@ -43,7 +43,7 @@ from psycopg_pool import ConnectionPool
 
 from service.store import (
     ChangeBatch, EntryRow, EntryState, NewEntry, ScanBatch, StoreError, StoreUnavailable, Written, blob_to_vector,
-    vector_to_blob,
+    vector_to_blob, vectors_in_order,
 )
 
 SCHEMA_VERSION = 1
@@ -475,6 +475,11 @@ class PostgresStore:
     def crop(self, entry_id: int) -> bytes | None:
         rows = self._query("SELECT crop FROM entries WHERE id = %s", (entry_id,))
         return rows[0][0] if rows else None
+
+    def vectors(self, entry_ids: np.ndarray) -> np.ndarray:
+        ids = [int(i) for i in entry_ids]
+        rows = self._query("SELECT id, vector FROM entries WHERE id = ANY(%s)", (ids,))
+        return vectors_in_order(ids, {i: blob_to_vector(bytes(blob)) for i, blob in rows})
 
     def stale_entries(self, fingerprint: str, after_id: int = 0, batch: int = 256) -> list[tuple[int, bytes | None]]:
         return self._query(

@@ -26,6 +26,7 @@ import numpy as np
 
 from service.store import (
     ChangeBatch, EntryRow, EntryState, NewEntry, ScanBatch, StoreError, Written, blob_to_vector, vector_to_blob,
+    vectors_in_order,
 )
 
 SCHEMA_VERSION = 2
@@ -331,12 +332,7 @@ class SQLiteStore:
             chunk = ids[start:start + 900]
             sql = f"SELECT id, vector FROM entries WHERE id IN ({','.join('?' * len(chunk))})"
             found.update((i, blob_to_vector(blob)) for i, blob in self._query(sql, tuple(chunk)))
-        dim = len(next(iter(found.values()))) if found else 0
-        out = np.full((len(ids), dim), np.nan, dtype=np.float32)
-        for row, entry_id in enumerate(ids):
-            if entry_id in found:
-                out[row] = found[entry_id]
-        return out
+        return vectors_in_order(ids, found)
 
     def stale_entries(self, fingerprint: str, after_id: int = 0, batch: int = 256) -> list[tuple[int, bytes | None]]:
         return self._query(

@@ -161,6 +161,16 @@ def blob_to_vector(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4")
 
 
+def vectors_in_order(entry_ids: list[int], found: dict[int, np.ndarray]) -> np.ndarray:
+    """The found vectors in ``entry_ids``' order, a NaN row for each id not found."""
+    dim = len(next(iter(found.values()))) if found else 0
+    out = np.full((len(entry_ids), dim), np.nan, dtype=np.float32)
+    for row, entry_id in enumerate(entry_ids):
+        if entry_id in found:
+            out[row] = found[entry_id]
+    return out
+
+
 def stale_count(counts: dict[str, int], fingerprint: str) -> int:
     """Entries made under any other model than ``fingerprint``: the one definition of 'stale'."""
     return sum(n for fp, n in counts.items() if fp != fingerprint)

@@ -123,21 +123,6 @@ def test_plan_index_auto_is_exact_when_small_and_ivf_when_large():
     assert plan_index(IndexPlanSettings(setting="hnsw", storage="sq8"), 5_000).factory == "HNSW32,SQ8"
 
 
-def test_compressed_gallery_rescores_from_the_store_and_answers_without_it(tmp_path):
-    plan = IndexPlanSettings(setting="ivf", ivf_lists=4, storage="sq8")
-    gallery = open_gallery(tmp_path, plan)
-    rng = np.random.default_rng(15)
-    vectors = np.concatenate(list(enroll_people(gallery, rng, 60).values()))  # 180 entries: IVF4,SQ8 fits
-    gallery.rebuild("grown")
-    assert gallery.stats.index_kind == "ivf" and gallery._index.spec.factory == "IVF4,SQ8"
-    query = vectors[50]
-    exact = np.sort(vectors @ query)[::-1][:5]
-    np.testing.assert_allclose([m.score for m in gallery.search(query, 5, by="entry")], exact, atol=1e-6)
-    gallery.store.close()  # the store goes away: approximate scores, still the right person first
-    matches = gallery.search(query, 5, by="entry")
-    assert matches[0].identity == "p16" and abs(matches[0].score - 1.0) < 0.02
-
-
 # -- the store's log ----------------------------------------------------------------------
 
 
@@ -496,6 +481,21 @@ def test_background_rebuild_swaps_in_a_fitting_index_without_losing_changes(tmp_
     assert "dead" in gallery.rebuild_reason()
     gallery.rebuild("compaction")
     assert gallery._index.dead_fraction == 0 and gallery.stats.entries == 31
+
+
+def test_compressed_gallery_rescores_from_the_store_and_answers_without_it(tmp_path, backend):
+    plan = IndexPlanSettings(setting="ivf", ivf_lists=4, storage="sq8")
+    gallery = open_gallery(tmp_path, plan, backend=backend)
+    rng = np.random.default_rng(15)
+    vectors = np.concatenate(list(enroll_people(gallery, rng, 60).values()))  # 180 entries: IVF4,SQ8 fits
+    gallery.rebuild("grown")
+    assert gallery.stats.index_kind == "ivf" and gallery._index.spec.factory == "IVF4,SQ8"
+    query = vectors[50]
+    exact = np.sort(vectors @ query)[::-1][:5]
+    np.testing.assert_allclose([m.score for m in gallery.search(query, 5, by="entry")], exact, atol=1e-6)
+    gallery.store.close()  # the store goes away: approximate scores, still the right person first
+    matches = gallery.search(query, 5, by="entry")
+    assert matches[0].identity == "p16" and abs(matches[0].score - 1.0) < 0.02
 
 
 # -- import-vectors checks ------------------------------------------------------------------
