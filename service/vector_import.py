@@ -24,6 +24,7 @@ from service.store import GalleryStore, NewEntry
 REQUIRED = ("identity", "vector")
 NO_CAMERA = -1
 ZERO_NORM = 1e-12
+CHECK_ROWS = 65_536
 
 
 class VectorFileError(ValueError):
@@ -70,17 +71,18 @@ def check_vectors(vectors: np.ndarray, dim: int, path: Path) -> np.ndarray:
     if not np.issubdtype(vectors.dtype, np.floating):
         raise VectorFileError(f"{path}: vector is {vectors.dtype}, not floating point")
     vectors = vectors.astype(np.float32, copy=False)
-    finite = np.isfinite(vectors).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise VectorFileError(f"{path}: {len(bad)} vectors hold NaN or infinity (first at row {bad[0]})")
-    norms = np.linalg.norm(vectors, axis=1)
-    if (zero := norms <= ZERO_NORM).any():
-        bad = np.flatnonzero(zero)
-        raise VectorFileError(f"{path}: {len(bad)} vectors are zero (first at row {bad[0]}); they have no direction")
     if not vectors.flags.writeable:  # normalised in place: a million 1024-d vectors are 4 GB
         vectors = vectors.copy()
-    vectors /= norms[:, None]
+    for start in range(0, len(vectors), CHECK_ROWS):  # in slices: no N x D temporaries
+        rows = vectors[start:start + CHECK_ROWS]
+        if not (finite := np.isfinite(rows).all(axis=1)).all():
+            bad = start + np.flatnonzero(~finite)
+            raise VectorFileError(f"{path}: vectors hold NaN or infinity (first at row {bad[0]})")
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        if (zero := norms <= ZERO_NORM).any():
+            bad = start + np.flatnonzero(zero)
+            raise VectorFileError(f"{path}: vectors are zero (first at row {bad[0]}); they have no direction")
+        rows /= norms[:, None]
     return vectors
 
 
