@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.index import Match, VectorIndex
+from service.rerank import rerank_order
 from service.store import EntryRow, GalleryStore, NewEntry
 
 log = logging.getLogger(__name__)
@@ -72,5 +73,45 @@ class Gallery:
             self.stale_entries = sum(n for fp, n in self.store.counts_by_fingerprint().items() if fp != self.fingerprint)
         return True
 
-    def search(self, query: np.ndarray, k: int, **filters) -> list[Match]:
-        return self.index.search(query, k, **filters)
+    def search(self, query: np.ndarray, k: int, *, by: str = "identity", rerank_shortlist: int | None = None,
+               **filters) -> list[Match]:
+        """Best first. With ``rerank_shortlist`` N, the N best entries are re-ranked with k-reciprocal
+        neighbourhoods (service.rerank) using their stored vectors; scores stay cosines. Should the
+        shortlist hold fewer than k answers, the plain ranking beyond it fills up the rest."""
+        if rerank_shortlist is None:
+            return self.index.search(query, k, by=by, **filters)
+        shortlist = self.index.search(query, rerank_shortlist, by="entry", **filters)
+        if len(shortlist) < 2:
+            return self.index.search(query, k, by=by, **filters)
+        order, _ = rerank_order(query, self.index.vectors([m.entry_id for m in shortlist]))
+        reranked = _first_k([shortlist[i] for i in order], k, by)
+        if len(reranked) < k and len(shortlist) == rerank_shortlist:
+            reranked = _first_k(reranked + self.index.search(query, k, by=by, **filters), k, by)
+        return reranked
+
+    def likely_duplicates(self, identity: str, vectors: np.ndarray, threshold: float) -> list[Match]:
+        """Other identities that some of ``vectors`` already match at or above ``threshold``: each at
+        its best score, best first. (Run before enrolling them, so they do not find themselves.)"""
+        best: dict[str, Match] = {}
+        for vector in vectors:
+            for m in self.index.search(vector, 2, by="identity"):  # 2: one may be ``identity`` itself
+                if m.identity == identity or m.score < threshold:
+                    continue
+                if m.identity not in best or m.score > best[m.identity].score:
+                    best[m.identity] = m
+        return sorted(best.values(), key=lambda m: -m.score)
+
+
+def _first_k(matches: list[Match], k: int, by: str) -> list[Match]:
+    """The first k of ``matches`` in order; by="identity": each identity once, at its first entry;
+    an entry already taken is never repeated."""
+    out, seen_identities, seen_entries = [], set(), set()
+    for m in matches:
+        if m.entry_id in seen_entries or (by == "identity" and m.identity in seen_identities):
+            continue
+        seen_entries.add(m.entry_id)
+        seen_identities.add(m.identity)
+        out.append(m)
+        if len(out) == k:
+            break
+    return out

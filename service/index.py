@@ -87,6 +87,14 @@ class VectorIndex:
             self._index.add_with_ids(np.ascontiguousarray(vectors[keep]), np.ascontiguousarray(all_ids[keep]))
         self._tombstones.clear()
 
+    def vectors(self, entry_ids: list[int]) -> np.ndarray:
+        """The stored vectors of indexed entries (len(ids) x dim), e.g. a shortlist to re-rank."""
+        with self._lock:
+            out = np.empty((len(entry_ids), self.dim), dtype=np.float32)
+            for row, entry_id in enumerate(entry_ids):
+                out[row] = self._index.reconstruct(int(entry_id))  # IndexIDMap2: by external id
+            return out
+
     def search(
         self,
         query: np.ndarray,

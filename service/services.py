@@ -9,6 +9,7 @@ import faiss
 
 from service.batcher import Batcher
 from service.cache import EmbeddingCache
+from service.decision import Threshold, configured_threshold
 from service.embedder import Embedder, load_embedder
 from service.gallery import Gallery
 from service.index import VectorIndex
@@ -29,6 +30,11 @@ class Services:
     gallery: Gallery
     cache: EmbeddingCache
     metrics: Metrics
+
+    @property
+    def default_threshold(self) -> Threshold | None:
+        """REID_MATCH_THRESHOLD, else the checkpoint's calibrated threshold, else None."""
+        return configured_threshold(self.settings.match_threshold, self.embedder.info.match_threshold)
 
     def refresh_gauges(self) -> None:
         self.metrics.gallery_entries.set(self.gallery.size)

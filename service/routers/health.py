@@ -22,9 +22,19 @@ def readyz(request: Request):
         error = request.app.state.startup_error
         body = Readiness(status="failed" if error else "starting", detail=error or "loading model and gallery")
         return JSONResponse(body.model_dump(), status_code=503)
-    info, gallery = services.embedder.info, services.gallery
+    info, gallery, threshold = services.embedder.info, services.gallery, services.default_threshold
     return Readiness(
         status="ready", model=info.model_name, arch=info.arch, fingerprint=info.fingerprint,
         backend=services.embedder.backend, device=services.embedder.device, gallery_size=gallery.size,
         identities=gallery.index.identity_count, stale_entries=gallery.stale_entries,
+        calibrated=info.match_threshold is not None,
+        match_threshold=threshold.value if threshold else None,
+        threshold_source=threshold.source if threshold else None,
+        detail=None if threshold else UNCALIBRATED,
     )
+
+
+UNCALIBRATED = (
+    "the checkpoint carries no calibrated threshold and REID_MATCH_THRESHOLD is unset: /query ranks without a "
+    "known/unknown decision (python -m training calibrate writes one into the checkpoint)"
+)
