@@ -80,12 +80,15 @@ class Gallery:
         shortlist hold fewer than k answers, the plain ranking beyond it fills up the rest."""
         if rerank_shortlist is None:
             return self.index.search(query, k, by=by, **filters)
-        shortlist = self.index.search(query, rerank_shortlist, by="entry", **filters)
+        found = self.index.search(query, rerank_shortlist, by="entry", **filters)
+        kept, vectors = self.index.vectors([m.entry_id for m in found])
+        still_indexed = set(kept)  # a delete may have raced the search
+        shortlist = [m for m in found if m.entry_id in still_indexed]
         if len(shortlist) < 2:
             return self.index.search(query, k, by=by, **filters)
-        order, _ = rerank_order(query, self.index.vectors([m.entry_id for m in shortlist]))
+        order, _ = rerank_order(query, vectors)
         reranked = _first_k([shortlist[i] for i in order], k, by)
-        if len(reranked) < k and len(shortlist) == rerank_shortlist:
+        if len(reranked) < k and len(found) == rerank_shortlist:  # the gallery holds more than the shortlist
             reranked = _first_k(reranked + self.index.search(query, k, by=by, **filters), k, by)
         return reranked
 

@@ -87,13 +87,15 @@ class VectorIndex:
             self._index.add_with_ids(np.ascontiguousarray(vectors[keep]), np.ascontiguousarray(all_ids[keep]))
         self._tombstones.clear()
 
-    def vectors(self, entry_ids: list[int]) -> np.ndarray:
-        """The stored vectors of indexed entries (len(ids) x dim), e.g. a shortlist to re-rank."""
+    def vectors(self, entry_ids: list[int]) -> tuple[list[int], np.ndarray]:
+        """The stored vectors of a shortlist (to re-rank it): (the ids still indexed, in the given
+        order; their vectors, one row each). An id removed since the search is left out."""
         with self._lock:
-            out = np.empty((len(entry_ids), self.dim), dtype=np.float32)
-            for row, entry_id in enumerate(entry_ids):
-                out[row] = self._index.reconstruct(int(entry_id))  # IndexIDMap2: by external id
-            return out
+            kept = [int(i) for i in entry_ids if int(i) in self._labels]
+            out = np.empty((len(kept), self.dim), dtype=np.float32)
+            for row, entry_id in enumerate(kept):
+                out[row] = self._index.reconstruct(entry_id)  # IndexIDMap2: by external id
+            return kept, out
 
     def search(
         self,
