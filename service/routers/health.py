@@ -7,6 +7,11 @@ from service.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 
+UNCALIBRATED = (
+    "the checkpoint carries no calibrated threshold and REID_MATCH_THRESHOLD is unset: /query ranks without a "
+    "known/unknown decision (python -m training calibrate writes one into the checkpoint)"
+)
+
 
 @router.get("/healthz", response_model=Health)
 def healthz() -> Health:
@@ -32,9 +37,3 @@ def readyz(request: Request):
         threshold_source=threshold.source if threshold else None,
         detail=None if threshold else UNCALIBRATED,
     )
-
-
-UNCALIBRATED = (
-    "the checkpoint carries no calibrated threshold and REID_MATCH_THRESHOLD is unset: /query ranks without a "
-    "known/unknown decision (python -m training calibrate writes one into the checkpoint)"
-)
