@@ -13,13 +13,18 @@ Loading never unpickles. Metadata keys (all strings, JSON where structured):
     training          JSON provenance: data, recipe, epochs ...
     metrics           JSON evaluation figures (rank1, mAP ...)
     created           ISO-8601 UTC time
+    calibration       optional JSON: the match threshold and how it was fitted (threshold, far,
+                      tar_at_far ...; written by ``python -m training calibrate``). Absent in
+                      older or uncalibrated checkpoints: they load as before, with no threshold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +58,12 @@ class CheckpointInfo:
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     created: str = ""
+    calibration: dict = field(default_factory=dict)  # {} when the checkpoint was never calibrated
+
+    @property
+    def match_threshold(self) -> float | None:
+        """The calibrated cosine threshold (score >= threshold: same person), None if uncalibrated."""
+        return float(self.calibration["threshold"]) if self.calibration else None
 
     @property
     def short_fingerprint(self) -> str:
@@ -89,6 +100,7 @@ def save_checkpoint(
     *,
     training: dict | None = None,
     metrics: dict | None = None,
+    calibration: dict | None = None,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
 ) -> CheckpointInfo:
@@ -105,7 +117,13 @@ def save_checkpoint(
         training=training or {},
         metrics=metrics or {},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        calibration=calibration or {},
     )
+    _write(state, info, path)
+    return info
+
+
+def _metadata(info: CheckpointInfo) -> dict[str, str]:
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -120,12 +138,45 @@ def save_checkpoint(
         "metrics": json.dumps(info.metrics, sort_keys=True),
         "created": info.created,
     }
+    if info.calibration:
+        metadata["calibration"] = json.dumps(info.calibration, sort_keys=True)
+    return metadata
+
+
+def _write(state: dict[str, torch.Tensor], info: CheckpointInfo, path: str | os.PathLike) -> None:
+    """Atomically (temp file + rename): a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
+    save_file(state, str(tmp), metadata=_metadata(info))
     os.replace(tmp, path)
+
+
+def write_calibration(path: str | os.PathLike, calibration: dict, out: str | os.PathLike | None = None) -> CheckpointInfo:
+    """Store ``calibration`` in the checkpoint's metadata (replacing any earlier one), into ``out``
+    or in place. The weights are copied bit for bit, so the fingerprint stays; they are verified
+    against it first, so a damaged file is never blessed with a threshold."""
+    _check_calibration(Path(path), calibration)
+    path, handle = _open(path)
+    with handle as f:
+        info = _parse_metadata(path, f.metadata())
+        try:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor data unreadable (truncated or corrupt?): {e}") from None
+    if fingerprint(state) != info.fingerprint:
+        raise CheckpointError(f"{path}: weights do not match the recorded fingerprint (file altered or corrupt)")
+    info = dataclasses.replace(info, calibration=dict(calibration))
+    _write(state, info, out if out is not None else path)
     return info
+
+
+def _check_calibration(path: Path, calibration) -> None:
+    if not isinstance(calibration, dict):
+        raise CheckpointError(f"{path}: malformed metadata: calibration is not a JSON object")
+    threshold = calibration.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise CheckpointError(f"{path}: malformed metadata: calibration has no finite numeric 'threshold'")
 
 
 def _parse_metadata(path: Path, metadata: dict[str, str] | None) -> CheckpointInfo:
@@ -158,11 +209,14 @@ def _parse_metadata(path: Path, metadata: dict[str, str] | None) -> CheckpointIn
             training=json.loads(metadata.get("training", "{}")),
             metrics=json.loads(metadata.get("metrics", "{}")),
             created=metadata.get("created", ""),
+            calibration=json.loads(metadata.get("calibration", "{}")),
         )
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: malformed metadata: {e}") from None
     if len(input_size) != 2 or len(mean) != 3 or len(std) != 3 or not isinstance(info.config, dict):
         raise CheckpointError(f"{path}: malformed metadata: input_size needs 2 values, mean and std 3 each")
+    if "calibration" in metadata:
+        _check_calibration(path, info.calibration)
     return info
 
 

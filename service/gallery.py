@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from service.index import IndexPlanSettings, Match, SearchSettings, VectorIndex, plan_index
+from service.rerank import rerank_order
 from service.snapshot import SnapshotKey, SnapshotRejected, load_snapshot, save_snapshot
 from service.store import ChangeBatch, EntryRow, GalleryStore, NewEntry, ScanBatch, StoreError, stale_count
 
@@ -222,8 +223,38 @@ class Gallery:
             return None
         return vectors if vectors.shape[1:] == (self._index.dim,) else None
 
-    def search(self, query: np.ndarray, k: int, **filters) -> list[Match]:
-        return self._index.search(query, k, **filters)
+    def search(self, query: np.ndarray, k: int, *, by: str = "identity", rerank_shortlist: int | None = None,
+               **filters) -> list[Match]:
+        """Best first. With ``rerank_shortlist`` N, the N best entries are re-ranked with k-reciprocal
+        neighbourhoods (service.rerank) using their stored vectors; scores stay cosines. Should the
+        shortlist hold fewer than k answers, the plain ranking beyond it fills up the rest."""
+        if rerank_shortlist is None:
+            return self._index.search(query, k, by=by, **filters)
+        found = self._index.search(query, rerank_shortlist, by="entry", **filters)
+        vectors = self._exact_vectors(np.array([m.entry_id for m in found], dtype=np.int64)) if found else None
+        if vectors is None or len(found) < 2:  # the store is away, or nothing to re-rank
+            return self._index.search(query, k, by=by, **filters)
+        known = ~np.isnan(vectors).any(axis=1)  # a delete may have raced the search
+        shortlist, vectors = [m for m, ok in zip(found, known) if ok], vectors[known]
+        if len(shortlist) < 2:
+            return self._index.search(query, k, by=by, **filters)
+        order, _ = rerank_order(query, vectors)
+        reranked = _first_k([shortlist[i] for i in order], k, by)
+        if len(reranked) < k and len(found) == rerank_shortlist:  # the gallery holds more than the shortlist
+            reranked = _first_k(reranked + self._index.search(query, k, by=by, **filters), k, by)
+        return reranked
+
+    def likely_duplicates(self, identity: str, vectors: np.ndarray, threshold: float) -> list[Match]:
+        """Other identities that some of ``vectors`` already match at or above ``threshold``: each at
+        its best score, best first. (Run before enrolling them, so they do not find themselves.)"""
+        best: dict[str, Match] = {}
+        for vector in vectors:
+            for m in self._index.search(vector, 2, by="identity"):  # 2: one may be ``identity`` itself
+                if m.identity == identity or m.score < threshold:
+                    continue
+                if m.identity not in best or m.score > best[m.identity].score:
+                    best[m.identity] = m
+        return sorted(best.values(), key=lambda m: -m.score)
 
     def page(self, offset: int, limit: int) -> IdentityPage:
         return IdentityPage(self.store.list_identities(offset, limit), self.store.count_identities())
@@ -300,3 +331,18 @@ def _apply(index: VectorIndex, batch: ChangeBatch, fingerprint: str) -> None:
             np.array([s.identity_id for s in current], dtype=np.int64),
             [s.identity for s in current], [s.camera for s in current], np.stack([s.vector for s in current]),
         )
+
+
+def _first_k(matches: list[Match], k: int, by: str) -> list[Match]:
+    """The first k of ``matches`` in order; by="identity": each identity once, at its first entry;
+    an entry already taken is never repeated."""
+    out, seen_identities, seen_entries = [], set(), set()
+    for m in matches:
+        if m.entry_id in seen_entries or (by == "identity" and m.identity in seen_identities):
+            continue
+        seen_entries.add(m.entry_id)
+        seen_identities.add(m.identity)
+        out.append(m)
+        if len(out) == k:
+            break
+    return out

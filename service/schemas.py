@@ -58,10 +58,21 @@ class Entry(BaseModel):
     model_fingerprint: str
 
 
+class DuplicateItem(BaseModel):
+    identity: str = Field(description="another identity some of the new crops already match")
+    score: float = Field(description="the best cosine similarity of a new crop to it")
+    entry_id: int = Field(description="its entry that matched")
+
+
 class EnrollResponse(BaseModel):
     identity: str
     entries: list[Entry]
     gallery_size: int = Field(description="searchable entries after this enrollment")
+    likely_duplicates: list[DuplicateItem] | None = Field(
+        description="other identities the new crops match at or above the threshold in force, best first: this "
+        "person may already be enrolled under another name (the crops are stored anyway). Null when no threshold "
+        "is in force (uncalibrated checkpoint and no REID_MATCH_THRESHOLD)"
+    )
 
 
 class IdentitySummary(BaseModel):
@@ -88,16 +99,28 @@ class MatchItem(BaseModel):
     score: float = Field(description="cosine similarity, in [-1, 1]")
     entry_id: int
     camera: int | None
+    match: bool | None = Field(description="score >= threshold: the same person; null when no threshold is in force")
 
 
 class QueryResponse(BaseModel):
-    matches: list[MatchItem]
+    matches: list[MatchItem] = Field(description="best first (with rerank=true: in re-ranked order)")
     gallery_size: int
     gallery_stale: bool = Field(
         description="true when this replica's index has not been confirmed against the gallery store for a while "
         "(the store is unreachable): the ranking may miss recent enrollments and deletions"
     )
     gallery_sync_age_s: float = Field(description="seconds since the index was last confirmed up to date with the store")
+    threshold: float | None = Field(
+        description="the cosine threshold in force: the query's threshold=, else REID_MATCH_THRESHOLD, else the "
+        "checkpoint's calibrated one; null when there is none"
+    )
+    threshold_source: Literal["query", "setting", "checkpoint"] | None
+    decision: Literal["known", "unknown"] | None = Field(
+        description="known: the best identity (the first match) scores at or above the threshold; unknown: it "
+        "does not, or nothing matched; null when no threshold is in force"
+    )
+    crops: int = Field(description="crops (images or embedding ids) aggregated into this query: its tracklet length")
+    reranked: bool = Field(description="the shortlist was re-ranked with k-reciprocal neighbourhoods (rerank=true)")
 
 
 class Health(BaseModel):
@@ -121,3 +144,8 @@ class Readiness(BaseModel):
     gallery_stale: bool | None = Field(
         None, description="true while the index has not been confirmed against the store for a while (store unreachable)"
     )
+    calibrated: bool | None = Field(None, description="the checkpoint carries a calibrated match threshold")
+    match_threshold: float | None = Field(
+        None, description="threshold a query gets by default; null: /query answers carry no decision"
+    )
+    threshold_source: Literal["setting", "checkpoint"] | None = None

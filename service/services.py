@@ -12,6 +12,7 @@ import faiss
 
 from service.batcher import Batcher
 from service.cache import EmbeddingCache
+from service.decision import Threshold, configured_threshold
 from service.embedder import Embedder, StartupError, load_embedder
 from service.follower import Follower, FollowPolicy
 from service.gallery import Gallery
@@ -46,6 +47,11 @@ class Services:
     follower: Follower
     cache: EmbeddingCache
     metrics: Metrics
+
+    @property
+    def default_threshold(self) -> Threshold | None:
+        """REID_MATCH_THRESHOLD, else the checkpoint's calibrated threshold, else None."""
+        return configured_threshold(self.settings.match_threshold, self.embedder.info.match_threshold)
 
     def close(self) -> None:
         """Stop following, snapshot what changed since the last snapshot, close everything."""

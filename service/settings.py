@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     snapshot_every_s: float = Field(300.0, gt=0, description="... or this long after the last snapshot, if anything changed")
     follow_interval_s: float = Field(0.25, gt=0, le=60, description="longest wait between looks at the gallery log")
     max_k: int = Field(1000, ge=1, description="largest k a query may ask for")
+    match_threshold: float | None = Field(
+        None, ge=-1, le=1,
+        description="cosine score at or above which a match is the same person; overrides the checkpoint's "
+        "calibrated threshold (unset: the checkpoint's, if it has one)",
+    )
+    max_tracklet_crops: int = Field(32, ge=1, description="most crops (images or embedding ids) in one query")
+    rerank_shortlist: int = Field(
+        100, ge=2, le=2000, description="entries re-ranked by rerank=true (time and memory grow with its square)"
+    )
     model_workers: int = Field(
         0, ge=0, le=64, description="forward passes run side by side (0: one per core with ONNX Runtime, else 1)"
     )

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models import CheckpointError, build_model, fingerprint, load_checkpoint, save_checkpoint
-from models.checkpoint import FORMAT_VERSION, read_checkpoint_info, serving_state_dict
+from models.checkpoint import FORMAT_VERSION, read_checkpoint_info, serving_state_dict, write_calibration
 
 IMAGES = torch.randn(3, 3, 160, 64, generator=torch.Generator().manual_seed(5))
 
@@ -182,6 +182,10 @@ CORRUPTIONS = {
     "short mean": (_set("mean", "[0.5, 0.5]"), "mean and std 3 each"),
     "wrong embedding dim": (_set("embedding_dim", "2048"), "embedding_dim 2048 disagrees with arch 'hacnn'"),
     "altered weights": (_alter_weight, "weights do not match the recorded fingerprint"),
+    "calibration not JSON": (_set("calibration", "{threshold: 0.7"), "malformed metadata"),
+    "calibration not an object": (_set("calibration", "[0.7]"), "calibration is not a JSON object"),
+    "calibration without threshold": (_set("calibration", '{"far": 0.001}'), "no finite numeric 'threshold'"),
+    "calibration with a text threshold": (_set("calibration", '{"threshold": "high"}'), "no finite numeric 'threshold'"),
 }
 
 
@@ -201,3 +205,36 @@ def test_bit_flip_in_the_weights_is_caught_by_the_fingerprint(saved, tmp_path):
     flipped.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_checkpoint(flipped)
+
+
+def test_a_checkpoint_without_calibration_loads_with_no_threshold(saved):
+    path, _, _ = saved
+    _, metadata = read_raw(path)
+    assert "calibration" not in metadata  # as every checkpoint written before calibration existed
+    info = read_checkpoint_info(path)
+    assert info.calibration == {} and info.match_threshold is None
+
+
+def test_write_calibration_changes_the_metadata_only(saved, tmp_path):
+    path, model, info = saved
+    tensors_before, metadata_before = read_raw(path)
+    out = tmp_path / "calibrated.safetensors"
+    written = write_calibration(path, {"threshold": 0.7125, "far": 0.001}, out)
+    tensors, metadata = read_raw(out)
+    assert tensors.keys() == tensors_before.keys() and all(torch.equal(tensors[k], tensors_before[k]) for k in tensors)
+    assert {k: v for k, v in metadata.items() if k != "calibration"} == metadata_before
+    loaded, loaded_info = load_checkpoint(out)
+    assert loaded_info == written and loaded_info.fingerprint == info.fingerprint
+    assert loaded_info.match_threshold == 0.7125 and loaded_info.calibration["far"] == 0.001
+    # In place, replacing the earlier calibration; no temporary file left behind.
+    write_calibration(out, {"threshold": 0.5})
+    assert read_checkpoint_info(out).calibration == {"threshold": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibrated.safetensors", "model.safetensors"]
+
+
+def test_write_calibration_refuses_a_damaged_checkpoint_or_a_bad_threshold(saved, tmp_path):
+    path = rewrite(saved[0], tmp_path / "altered.safetensors", _alter_weight)
+    with pytest.raises(CheckpointError, match="weights do not match the recorded fingerprint"):
+        write_calibration(path, {"threshold": 0.5})
+    with pytest.raises(CheckpointError, match="finite numeric 'threshold'"):
+        write_calibration(saved[0], {"threshold": float("nan")})

@@ -46,9 +46,13 @@ def running_service(tmp: Path, **settings: str):
         yield service.url
 
 
+# The untrained network scores an exact copy of an enrolled crop at 1.0 and any other crop lower.
+MATCH_THRESHOLD = 0.9999
+
+
 @pytest.fixture(scope="module")
 def service_url(tmp_path_factory):
-    with running_service(tmp_path_factory.mktemp("page-service")) as url:
+    with running_service(tmp_path_factory.mktemp("page-service"), match_threshold=str(MATCH_THRESHOLD)) as url:
         yield url
 
 
@@ -95,8 +99,10 @@ def identity_counts(driver) -> dict[str, str]:
     """)
 
 
-def query(driver, crop: Path) -> None:
-    driver.find_element(By.ID, "query-file").send_keys(str(crop))
+def query(driver, *crops: Path) -> None:
+    chooser = driver.find_element(By.ID, "query-file")
+    chooser.clear()  # a multiple-file input would otherwise add these to the previous selection
+    chooser.send_keys("\n".join(str(c) for c in crops))
     driver.find_element(By.ID, "query-submit").click()
 
 
@@ -196,3 +202,46 @@ def test_camera_capture_enrolls_frames(browser, service_url):
     browser.find_element(By.ID, "enroll-submit").click()
     wait_for(browser, expected_conditions.text_to_be_present_in_element(
         (By.ID, "enroll-message"), "enrolled 2 crop(s) as erin"), "camera frames were not enrolled")
+
+
+def test_query_shows_the_decision_and_the_threshold(browser, service_url, tmp_path):
+    frank = [person_crop(tmp_path / f"frank{i}.jpg", seed=50 + i) for i in range(2)]
+    stranger = person_crop(tmp_path / "stranger.jpg", seed=60)
+    browser.get(service_url + "/")
+    wait_for(browser, expected_conditions.text_to_be_present_in_element((By.ID, "service-status"), "threshold 1.000"),
+             "status line does not show the threshold in force")
+    enroll(browser, "frank", frank)
+
+    query(browser, frank[0])
+    decision = wait_for(browser, expected_conditions.visibility_of_element_located((By.ID, "query-decision")),
+                        "no decision shown")
+    wait_for(browser, lambda d: decision.get_attribute("data-decision") == "known", "decision not 'known'")
+    assert "Known: frank" in decision.text and "threshold 1.000 (REID_MATCH_THRESHOLD)" in decision.text
+    first = browser.find_element(By.CSS_SELECTOR, "#results li.match")
+    assert "pass" in first.get_attribute("class") and first.find_element(By.CSS_SELECTOR, ".verdict").text == "match"
+
+    query(browser, stranger)
+    wait_for(browser, lambda d: decision.get_attribute("data-decision") == "unknown", "decision not 'unknown'")
+    assert "tracklet" not in browser.find_element(By.ID, "query-message").text  # one crop, not the two chosen so far
+    assert "Unknown person" in decision.text and "< threshold 1.000" in decision.text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results li.match.pass")
+
+
+def test_several_query_crops_are_one_tracklet(browser, service_url, tmp_path):
+    crops = [person_crop(tmp_path / f"gina{i}.jpg", seed=70 + i) for i in range(3)]
+    browser.get(service_url + "/")
+    enroll(browser, "gina", crops[:1])
+    query(browser, *crops)
+    wait_for(browser, expected_conditions.text_to_be_present_in_element((By.ID, "query-message"), "tracklet of 3 crops"),
+             f"tracklet query not confirmed: {browser.find_element(By.ID, 'query-error').text}")
+    assert browser.find_element(By.ID, "query-caption").text == "query: 3 crops"
+
+
+def test_enrolling_the_same_crop_under_another_name_warns(browser, service_url, tmp_path):
+    crop = person_crop(tmp_path / "hank.jpg", seed=80)
+    browser.get(service_url + "/")
+    enroll(browser, "hank", [crop])
+    enroll(browser, "hank-again", [crop])
+    warning = wait_for(browser, expected_conditions.visibility_of_element_located((By.ID, "enroll-warning")),
+                       "no duplicate warning shown")
+    assert "Likely duplicate" in warning.text and "hank (1.000)" in warning.text

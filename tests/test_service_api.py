@@ -48,6 +48,9 @@ def test_health_and_readiness_describe_the_model(client):
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["arch"] == "hacnn" and ready["backend"] == "torch"
     assert ready["gallery_size"] == 8 and ready["identities"] == 4 and ready["stale_entries"] == 0
+    # An uncalibrated checkpoint serves as a plain ranking, and says so.
+    assert ready["calibrated"] is False and ready["match_threshold"] is None and ready["threshold_source"] is None
+    assert "no calibrated threshold" in ready["detail"]
 
 
 def test_embed_returns_normalised_vectors_with_ids(client):
@@ -59,6 +62,8 @@ def test_embed_returns_normalised_vectors_with_ids(client):
         assert sum(v * v for v in item["vector"]) == pytest.approx(1.0, abs=1e-4)
     r = client.get("/query", params={"embedding_id": body["embeddings"][1]["embedding_id"], "k": 1})
     assert r.json()["matches"][0]["identity"] == "person-1"
+    # No threshold in force: no decision, no per-match verdict.
+    assert r.json()["decision"] is None and r.json()["threshold"] is None and r.json()["matches"][0]["match"] is None
 
 
 def test_not_an_image_is_415(client):
@@ -178,6 +183,7 @@ def test_enroll_list_detail_crop_delete(client):
     assert r.status_code == 201
     body = r.json()
     assert body["identity"] == "temp" and len(body["entries"]) == 3 and body["gallery_size"] == 11
+    assert body["likely_duplicates"] is None  # not checked: no threshold in force
     assert all(e["camera"] == 3 and e["has_crop"] for e in body["entries"])
     listed = {i["identity"]: i["entries"] for i in client.get("/gallery").json()["identities"]}
     assert listed["temp"] == 3

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ from service.imaging import decode_image
 from service.sqlite_store import SQLiteStore
 from service.store import NewEntry
 from models.preprocess import resize_pixels
-from tests.service_support import ServiceProcess, files, jpeg, make_checkpoint, person_crop, run_cli, seed_onnx_cache
+from tests.service_support import (
+    ROOT, ServiceProcess, files, jpeg, make_checkpoint, person_crop, run_cli, seed_onnx_cache,
+)
 
 PEOPLE = 6
 
@@ -347,3 +350,41 @@ def test_clean_shutdown_leaves_a_snapshot_that_the_next_start_uses(workdir):
         assert c.get("/readyz").json()["gallery_size"] == 3
         assert top(c, jpeg(person_crop(1, 4)), k=1)[0]["identity"] == "s1"
     assert "from the snapshot, 0 newer changes applied" in service.log()
+
+
+def test_calibrated_checkpoint_answers_known_and_unknown(workdir):
+    """`python -m training calibrate` on held-out crops, then the service decides with its threshold.
+
+    The checkpoint is the untrained HA-CNN of this module (carefully chosen crops rather than a
+    trained model, to stay fast and deterministic): on the palette-distinct synthetic persons 0-7
+    it scores the same person >= 0.99 and different people <= 0.98 (views 0-9, both backends), so a
+    threshold fitted on views 0-5 separates a new view of an enrolled person from a stranger."""
+    market = workdir / "calibration-set"
+    for split, views in (("query", (0, 1, 2)), ("bounding_box_test", (3, 4, 5))):
+        (market / split).mkdir(parents=True)
+        for person in range(8):
+            for view in views:
+                person_crop(person, view).save(market / split / f"{person + 1:04d}_c{view % 3 + 1}s1_{view:06d}_00.jpg")
+    calibrated = workdir / "a-calibrated.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "calibrate", "--checkpoint", str(workdir / "a.safetensors"),
+         "--data", str(market), "--out", str(calibrated), "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    threshold = json.loads(result.stdout.strip().splitlines()[-1])["threshold"]
+
+    with ServiceProcess(calibrated, new_data_dir(workdir, "calibrated")) as service, service.client() as c:
+        ready = c.get("/readyz").json()
+        assert ready["calibrated"] and ready["match_threshold"] == threshold and ready["threshold_source"] == "checkpoint"
+        for person in range(4):
+            r = c.post("/gallery", data={"identity": f"p{person}", "camera": "1"},
+                       files=files(jpeg(person_crop(person, 0)), jpeg(person_crop(person, 1))))
+            assert r.status_code == 201 and r.json()["likely_duplicates"] == [], r.text
+        for person in range(8):
+            body = c.post("/query", files=files(jpeg(person_crop(person, 9)))).json()
+            assert body["threshold"] == threshold
+            if person < 4:  # enrolled: another crop of them is recognised
+                assert body["decision"] == "known" and body["matches"][0]["identity"] == f"p{person}", body
+            else:  # never enrolled
+                assert body["decision"] == "unknown" and not any(m["match"] for m in body["matches"]), body

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 from safetensors import safe_open
 
 from models import load_checkpoint
@@ -53,6 +54,10 @@ def test_train_writes_checkpoint_state_and_log(trained):
     assert read_state(state_path)["epoch"] == 2
     with safe_open(str(out), "pt") as f:  # the serving file carries no training-only classifier
         assert not any(k.startswith("classifier") for k in f.keys())
+    # Calibrated at the end on the held-out split: the checkpoint carries its match threshold.
+    assert info.calibration["far"] == 1e-3 and info.match_threshold == info.calibration["threshold"]
+    assert info.calibration["genuine_pairs"] > 0 and info.calibration["impostor_pairs"] > 0
+    assert info.calibration["data"] == str(data.resolve())
 
 
 def test_eval_reproduces_the_training_time_figures(trained, tmp_path):
@@ -60,11 +65,50 @@ def test_eval_reproduces_the_training_time_figures(trained, tmp_path):
     result = _run("eval", "--checkpoint", str(out), "--data", str(data), "--device", "cpu", "--visualize", str(tmp_path / "vis"))
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(metrics) == {"rank1", "rank5", "rank10", "mAP", "mINP"}
+    assert set(metrics) == {"rank1", "rank5", "rank10", "mAP", "mINP", "tar_at_far"}
     assert metrics["mAP"] == pytest.approx(read_checkpoint_info(out).metrics["mAP"], abs=1e-5)
     assert 0 <= metrics["rank1"] <= metrics["rank5"] <= metrics["rank10"] <= 1
-    pictures = sorted((tmp_path / "vis").glob("*.png"))
+    # The same figures the calibration stored (same data, same weights).
+    assert metrics["tar_at_far"] == read_checkpoint_info(out).calibration["tar_at_far"]
+    pictures = sorted((tmp_path / "vis").glob("query_*.png"))
     assert pictures and pictures[0].stat().st_size > 1000
+    histogram = Image.open(tmp_path / "vis" / "scores.png")
+    assert histogram.size[0] >= 600 and len(histogram.getcolors(1 << 16)) > 10  # drawn, not blank
+
+
+def test_calibrate_writes_the_threshold_and_keeps_the_weights(trained, tmp_path):
+    data, out = trained
+    source_bytes = out.read_bytes()
+    copy = tmp_path / "calibrated.safetensors"
+    result = _run("calibrate", "--checkpoint", str(out), "--data", str(data), "--far", "0.01", "--out", str(copy), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out.read_bytes() == source_bytes  # --out: the source is left alone
+    before, after = read_checkpoint_info(out), read_checkpoint_info(copy)
+    assert after.fingerprint == before.fingerprint == printed["fingerprint"]
+    assert after.calibration["far"] == 0.01 and after.match_threshold == printed["threshold"]
+    assert after.calibration["tar_at_far"]["1e-2"] == printed["tar"]
+    assert (after.arch, after.config, after.metrics, after.training) == (before.arch, before.config, before.metrics, before.training)
+    with safe_open(str(out), "pt") as a, safe_open(str(copy), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(a.get_tensor(k).equal(b.get_tensor(k)) for k in a.keys())
+    load_checkpoint(copy)  # the loader verifies the weights against the fingerprint
+    # In place (no --out): replaced atomically, nothing left beside it.
+    assert main(["calibrate", "--checkpoint", str(copy), "--data", str(data), "--far", "0.05", "--device", "cpu"]) == 0
+    assert read_checkpoint_info(copy).calibration["far"] == 0.05
+    assert read_checkpoint_info(copy).fingerprint == before.fingerprint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibrated.safetensors"]
+
+
+def test_openset_reports_dir_and_false_alarms_at_the_calibrated_threshold(trained, capsys):
+    data, out = trained
+    assert main(["openset", "--checkpoint", str(out), "--data", str(data), "--repeats", "2", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["threshold"] == read_checkpoint_info(out).match_threshold and report["threshold_source"] == "checkpoint"
+    assert report["test_identities"] == 8 and report["enrolled_identities"] == 4 and report["repeats"] == 2
+    assert 0 <= report["dir_at_threshold"] <= report["rank1"] <= 1 and 0 <= report["false_alarm_rate"] <= 1
+    assert report["mated_queries"] > 0 and report["nonmated_queries"] > 0
+    assert set(report["dir_at_far"]) == {"1e-1", "1e-2"}
 
 
 def test_resume_continues_from_the_saved_epoch(trained, tmp_path):
@@ -122,6 +166,7 @@ def test_demo_builds_data_and_a_model_that_loads(tmp_path, capsys):
         assert any((tmp_path / "data" / split).glob("*.jpg"))
     model, info = load_checkpoint(tmp_path / "model.safetensors")
     assert info.training["recipe"]["name"] == "demo"
+    assert info.match_threshold is not None and summary["calibration"]["threshold"] == info.match_threshold
 
 
 @pytest.mark.parametrize(
@@ -138,12 +183,16 @@ def test_demo_builds_data_and_a_model_that_loads(tmp_path, capsys):
         (["init", "--arch", "resnet50", "--out", "{tmp}/r.safetensors", "--imagenet-weights", "{tmp}/nope.pth"], "no such ImageNet weights file"),
         (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--batch-p", "50"], "has only 8 training identities"),
         (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--input-size", "100", "50"], "multiple of 32"),
+        (["calibrate", "--checkpoint", "{out}", "--data", "{data}", "--far", "0"], "--far must be between 0 and 1"),
+        (["calibrate", "--checkpoint", "{tmp}/bad.safetensors", "--data", "{data}"], "not a readable safetensors file"),
+        (["calibrate", "--checkpoint", "{out}", "--data", "{tmp}/missing"], "no such data folder"),
+        (["openset", "--checkpoint", "{out}", "--data", "{data}", "--enroll-fraction", "1.5"], "--enroll-fraction must be between 0 and 1"),
     ],
 )
 def test_cli_errors_are_one_line(trained, tmp_path, capsys, argv, expected):
-    data, _ = trained
+    data, out = trained
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint at all")
-    argv = [a.format(tmp=tmp_path, data=data) for a in argv]
+    argv = [a.format(tmp=tmp_path, data=data, out=out) for a in argv]
     assert main(argv) == 2
     line = _single_error_line(capsys.readouterr().err)
     assert expected in line

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {synth,train,eval,init,demo}``.
+"""Command line: ``python -m training {synth,train,eval,init,demo,calibrate,openset}``.
 
 Every failure the user can cause (missing folder, wrong layout, unreadable checkpoint, bad
 option) ends with one line on stderr and a non-zero exit status, never a traceback.
@@ -11,6 +11,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from training.calibration import DEFAULT_FAR
 
 EXIT_ERROR = 2
 
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--visualize", metavar="DIR", help="write ranking pictures for a few queries here")
+    p.add_argument("--visualize", metavar="DIR", help="write ranking pictures for a few queries and the score histograms here")
     p.add_argument("--num-queries", type=int, default=8, help="queries to draw with --visualize")
     p.add_argument("--top-k", type=int, default=10, help="gallery crops per query with --visualize")
 
@@ -113,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("calibrate", help="fit the match threshold at a FAR on query/gallery and store it in the checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="Market-1501-layout folder: held-out identities in query/ and bounding_box_test/")
+    p.add_argument("--far", type=float, default=DEFAULT_FAR, help="false accept rate the threshold is fitted at (default 0.001)")
+    p.add_argument("--out", help="write the calibrated checkpoint here instead of replacing --checkpoint")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+
+    p = sub.add_parser("openset", help="watchlist evaluation: enroll some test identities, query with all (last line: JSON)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--enroll-fraction", type=float, default=0.5, help="share of the test identities enrolled")
+    p.add_argument("--repeats", type=int, default=5, help="random watchlists averaged")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, help="default: the checkpoint's calibrated threshold")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
     return parser
 
 
@@ -202,32 +224,46 @@ def _check_recipe(r) -> None:
 
 
 def cmd_eval(args) -> int:
-    import torch
     from tqdm import tqdm
 
-    from models import load_checkpoint
-    from training.data import load_reid_data
     from training.embeddings import evaluate_model
-    from training.engine import resolve_device
 
-    if args.batch_size < 1:
-        raise CliError("--batch-size must be at least 1")
-    device = resolve_device(args.device)
-    model, info = load_checkpoint(args.checkpoint, device)
-    data = load_reid_data(args.data, with_train=False)
-    torch.set_grad_enabled(False)
+    model, info, data, device = _load_for_scoring(args)
     with tqdm(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
         metrics, distmat = evaluate_model(
             model, data, info.mean, info.std, device, batch_size=args.batch_size, workers=args.workers, progress=bar
         )
+    from training.calibration import pair_scores, tar_at_far
+    from training.embeddings import query_gallery_labels
+
+    genuine, impostor = pair_scores(1.0 - distmat, *query_gallery_labels(data))
     if args.visualize:
         from training.visualize import write_rankings
 
         paths = write_rankings(distmat, data.query, data.gallery, args.visualize, num_queries=args.num_queries, top_k=args.top_k)
-        print(f"wrote {len(paths)} ranking pictures to {args.visualize}", file=sys.stderr)
+        paths.append(_draw_scores(genuine, impostor, info, Path(args.visualize) / "scores.png"))
+        print(f"wrote {len(paths)} pictures to {args.visualize} (scores.png: the score histograms)", file=sys.stderr)
     print(f"{info.model_name} on {data.root}: {json.dumps(data.counts())}", file=sys.stderr)
-    print(json.dumps({k: round(v, 6) for k, v in metrics.items()}))
+    result = {k: round(v, 6) for k, v in metrics.items()}
+    result["tar_at_far"] = tar_at_far(genuine, impostor)
+    print(json.dumps(result))
     return 0
+
+
+def _draw_scores(genuine, impostor, info, path: Path) -> Path:
+    """The two score histograms with the checkpoint's threshold, or without calibration the one
+    this data gives at the default FAR."""
+    from training.calibration import far_key, score_histogram, threshold_at_far
+    from training.visualize import write_score_histograms
+
+    if info.match_threshold is not None:
+        threshold = info.match_threshold
+        note = f"checkpoint's threshold {threshold:.3f} (FAR {far_key(info.calibration.get('far', DEFAULT_FAR))})"
+    else:
+        threshold = threshold_at_far(impostor, DEFAULT_FAR)
+        note = f"uncalibrated checkpoint; threshold at FAR {far_key(DEFAULT_FAR)} on this data: {threshold:.3f}"
+    title = f"{info.model_name}: {len(genuine)} same-person, {len(impostor)} different-people pairs; {note}"
+    return write_score_histograms(score_histogram(genuine, impostor), threshold, path, title)
 
 
 def cmd_init(args) -> int:
@@ -279,11 +315,99 @@ def cmd_demo(args) -> int:
         f"({summary['train_time_s']:.0f} s training); checkpoint {opts.out}",
         file=sys.stderr,
     )
-    print(json.dumps({"out": opts.out, "data": str(data_dir), "untrained": before, "trained": after, "train_time_s": summary["train_time_s"]}))
+    if summary.get("calibration"):
+        c = summary["calibration"]
+        print(f"match threshold {c['threshold']:.4f} at FAR {c['far']:g} (TAR {c['tar']:.3f}), stored in the checkpoint", file=sys.stderr)
+    print(json.dumps({
+        "out": opts.out, "data": str(data_dir), "untrained": before, "trained": after,
+        "train_time_s": summary["train_time_s"], "calibration": summary.get("calibration"),
+    }))
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "init": cmd_init, "demo": cmd_demo}
+def _load_for_scoring(args):
+    """(model, info, test data, device) for the commands that score a checkpoint on query/gallery."""
+    from models import load_checkpoint
+    from training.data import load_reid_data
+    from training.engine import resolve_device
+
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be at least 1")
+    device = resolve_device(args.device)
+    model, info = load_checkpoint(args.checkpoint, device)
+    data = load_reid_data(args.data, with_train=False)
+    return model, info, data, device
+
+
+def cmd_calibrate(args) -> int:
+    from tqdm import tqdm
+
+    from models.checkpoint import read_checkpoint_info
+    from training.calibration import calibrate_checkpoint, summary
+    from training.data import load_reid_data
+    from training.engine import resolve_device
+
+    if not 0 < args.far < 1:
+        raise CliError(f"--far must be between 0 and 1 (exclusive), got {args.far}")
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be at least 1")
+    before = read_checkpoint_info(args.checkpoint)  # a bad checkpoint fails before any embedding
+    data = load_reid_data(args.data, with_train=False)
+    with tqdm(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
+        calibration = calibrate_checkpoint(
+            args.checkpoint, data, far=args.far, out=args.out, device=resolve_device(args.device),
+            batch_size=args.batch_size, workers=args.workers, progress=bar,
+        )
+    out = args.out or args.checkpoint
+    print(
+        f"{out}: threshold {calibration['threshold']:.4f} at FAR {args.far:g} (TAR {calibration['tar']:.3f}) from "
+        f"{calibration['genuine_pairs']} same-person and {calibration['impostor_pairs']} different-people pairs; "
+        f"weights and fingerprint {before.short_fingerprint} unchanged",
+        file=sys.stderr,
+    )
+    print(json.dumps({"out": str(out), "fingerprint": before.fingerprint, **summary(calibration)}))
+    return 0
+
+
+def cmd_openset(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from training.embeddings import query_gallery_similarity, query_gallery_labels
+    from training.openset import average_reports, choose_enrolled, open_set_report, watchlist_scores
+
+    if not 0 < args.enroll_fraction < 1:
+        raise CliError(f"--enroll-fraction must be between 0 and 1 (exclusive), got {args.enroll_fraction}")
+    if args.repeats < 1:
+        raise CliError("--repeats must be at least 1")
+    model, info, data, device = _load_for_scoring(args)
+    threshold, source = (args.threshold, "option") if args.threshold is not None else (info.match_threshold, "checkpoint")
+    if threshold is None:
+        print("the checkpoint is not calibrated and no --threshold given: DIR@FAR only", file=sys.stderr)
+        source = None
+    with tqdm(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
+        similarity = query_gallery_similarity(model, data, info.mean, info.std, device, args.batch_size, args.workers, bar)
+    q_pids, g_pids, q_cams, g_cams = query_gallery_labels(data)
+    rng = np.random.default_rng(args.seed)
+    reports = []
+    for _ in range(args.repeats):
+        enrolled = choose_enrolled(np.concatenate([q_pids, g_pids]), args.enroll_fraction, rng)
+        scores = watchlist_scores(similarity, q_pids, g_pids, q_cams, g_cams, enrolled)
+        reports.append(open_set_report(scores, threshold))
+    test_ids = len((set(q_pids.tolist()) | set(g_pids.tolist())) - {0})
+    result = {
+        "model": info.model_name, "data": str(data.root), "test_identities": test_ids,
+        "enrolled_identities": len(enrolled), "repeats": args.repeats, "seed": args.seed,
+        "threshold": threshold, "threshold_source": source, **average_reports(reports),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+COMMANDS = {
+    "synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "init": cmd_init, "demo": cmd_demo,
+    "calibrate": cmd_calibrate, "openset": cmd_openset,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from training.data import EvalImages, ReIDData, Sample
 from training.evaluate import cmc_map
 
 
+@torch.no_grad()
 def extract(
     model: nn.Module,
     samples: list[Sample],
@@ -31,6 +32,23 @@ def extract(
         if progress is not None:
             progress.update(len(images))
     return torch.cat(out) if out else torch.zeros(0, getattr(model, "embedding_dim", 0))
+
+
+def query_gallery_similarity(
+    model: nn.Module, data: ReIDData, mean, std, device, batch_size: int = 64, workers: int = 0, progress=None
+) -> np.ndarray:
+    """Q x G cosine similarities of ``data``'s query and gallery, for a model in eval mode."""
+    q = extract(model, data.query, mean, std, device, batch_size, workers, progress)
+    g = extract(model, data.gallery, mean, std, device, batch_size, workers, progress)
+    return (q @ g.t()).numpy()
+
+
+def query_gallery_labels(data: ReIDData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(q_pids, g_pids, q_camids, g_camids): the label arguments of cmc_map, in its order."""
+    return (
+        np.array([s.pid for s in data.query]), np.array([s.pid for s in data.gallery]),
+        np.array([s.camid for s in data.query]), np.array([s.camid for s in data.gallery]),
+    )
 
 
 def cosine_distances(queries: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:

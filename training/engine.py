@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 from models.mgat import MGAT
+from training.calibration import calibrate_checkpoint, summary as calibration_summary
 from training.data import ReIDData, TrainImages
 from training.embeddings import evaluate_model
 from training.losses import batch_hard_triplet, cross_entropy_smooth, mgat_losses
@@ -392,6 +393,7 @@ def train(recipe: Recipe, data: ReIDData, opts: RunOptions, resume: str | None =
     if world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    calibration = _calibrate(out, data, device, opts.eval_batch_size, workers) if is_main and best is not None else None
     return {
         "out": str(out),
         "state": str(state_path),
@@ -401,7 +403,20 @@ def train(recipe: Recipe, data: ReIDData, opts: RunOptions, resume: str | None =
         "untrained": untrained,
         "train_time_s": round(elapsed, 1),
         "img_per_s": history[-1]["img_per_s"] if history else None,
+        "calibration": calibration,
     }
+
+
+def _calibrate(out: Path, data: ReIDData, device, batch_size: int, workers: int) -> dict | None:
+    """Fit the match threshold of the written checkpoint on the held-out split (docs/training.md)."""
+    try:
+        calibration = calibrate_checkpoint(out, data, device=device, batch_size=batch_size, workers=workers)
+    except ValueError as e:  # e.g. no same-person pair across cameras: the checkpoint stays uncalibrated
+        tqdm.write(f"warning: {out} not calibrated: {e}")
+        return None
+    tqdm.write(f"calibrated: match threshold {calibration['threshold']:.4f} at FAR {calibration['far']:g} "
+               f"(TAR {calibration['tar']:.3f}) written into {out}")
+    return calibration_summary(calibration)
 
 
 def recipe_from_state(path: str | Path) -> dict:

@@ -62,3 +62,106 @@ def write_rankings(
         strip.save(path)
         written.append(path)
     return written
+
+
+PLOT_W, PLOT_H, MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 720, 240, 56, 16, 44, 34
+GENUINE_FILL, IMPOSTOR_FILL, THRESHOLD_COLOUR = (30, 170, 60), (210, 40, 40), (20, 20, 20)
+LOG_FLOOR = 1e-6  # the log axis shows fractions down to one pair in a million
+
+
+def score_histograms(histogram: dict, threshold: float | None, title: str) -> Image.Image:
+    """Genuine (green) and impostor (red) score distributions, each normalised to its own total,
+    on a linear axis (the shapes) above a log axis (the impostor tail that sets the threshold),
+    with the threshold as a vertical line. ``histogram`` is ``calibration.score_histogram``'s."""
+    view = _visible_range(histogram, threshold)
+    panels = [_histogram_panel(histogram, threshold, view, log=False), _histogram_panel(histogram, threshold, view, log=True)]
+    canvas = Image.new("RGB", (PLOT_W, MARGIN_T + sum(p.height for p in panels)), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title, fill=(0, 0, 0))
+    x = MARGIN_L
+    for name, colour in (("same person, other camera", GENUINE_FILL), ("different people", IMPOSTOR_FILL)):
+        draw.rectangle((x, 25, x + 10, 35), fill=colour)
+        draw.text((x + 14, 24), name, fill=(0, 0, 0))
+        x += 14 + int(draw.textlength(name)) + 24
+    if threshold is not None:
+        draw.line((x, 30, x + 12, 30), fill=THRESHOLD_COLOUR, width=2)
+        draw.text((x + 16, 24), f"threshold {threshold:.3f}", fill=(0, 0, 0))
+    y = MARGIN_T
+    for panel in panels:
+        canvas.paste(panel, (0, y))
+        y += panel.height
+    return canvas
+
+
+def _visible_range(histogram: dict, threshold: float | None) -> tuple[float, float]:
+    """The score range holding every non-empty bin (and the threshold), widened to quarter steps."""
+    lo, hi = histogram["range"]
+    width = (hi - lo) / histogram["bins"]
+    used = np.flatnonzero(np.asarray(histogram["genuine"]) + np.asarray(histogram["impostor"]))
+    if used.size == 0:
+        return lo, hi
+    first, last = lo + used[0] * width, lo + (used[-1] + 1) * width
+    if threshold is not None:
+        first, last = min(first, threshold), max(last, threshold)
+    return max(lo, np.floor(first * 4) / 4), min(hi, np.ceil(last * 4) / 4)
+
+
+def _histogram_panel(histogram: dict, threshold: float | None, view: tuple[float, float], log: bool) -> Image.Image:
+    lo, hi = histogram["range"]
+    bins = histogram["bins"]
+    view_lo, view_hi = view
+    fractions = {}
+    for name in ("genuine", "impostor"):
+        counts = np.asarray(histogram[name], dtype=np.float64)
+        fractions[name] = counts / max(counts.sum(), 1)
+    panel = Image.new("RGB", (PLOT_W, PLOT_H), WHITE)
+    draw = ImageDraw.Draw(panel, "RGBA")
+    left, right, top, bottom = MARGIN_L, PLOT_W - MARGIN_R, 6, PLOT_H - MARGIN_B
+    peak = max(f.max() for f in fractions.values()) or 1.0
+
+    def y_of(value: float) -> float:
+        if log:
+            span = np.log10(peak) - np.log10(LOG_FLOOR)
+            return bottom - (np.log10(max(value, LOG_FLOOR)) - np.log10(LOG_FLOOR)) / span * (bottom - top)
+        return bottom - value / peak * (bottom - top)
+
+    def x_of(score: float) -> float:
+        return left + (score - view_lo) / (view_hi - view_lo) * (right - left)
+
+    bin_width = (hi - lo) / bins
+    for name, colour in (("impostor", IMPOSTOR_FILL), ("genuine", GENUINE_FILL)):
+        for i, value in enumerate(fractions[name]):
+            start = lo + i * bin_width
+            if value > (LOG_FLOOR if log else 0) and view_lo <= start < view_hi:
+                draw.rectangle((x_of(start), y_of(value), x_of(start + bin_width) - 1, bottom), fill=colour + (120,))
+    draw.line((left, bottom, right, bottom), fill=(0, 0, 0))
+    draw.line((left, top, left, bottom), fill=(0, 0, 0))
+    step = 0.1 if view_hi - view_lo <= 1.0 else 0.25
+    for tick in np.arange(view_lo, view_hi + step / 2, step):
+        x = x_of(tick)
+        draw.line((x, bottom, x, bottom + 4), fill=(0, 0, 0))
+        draw.text((x - 12, bottom + 6), f"{tick:.2f}", fill=(0, 0, 0))
+    axis = "fraction of pairs, log scale" if log else "fraction of pairs"
+    draw.text((right - 360, bottom + 20), f"cosine similarity  (y: {axis})", fill=(0, 0, 0))
+    if log:
+        for exponent in range(int(np.log10(LOG_FLOOR)), int(np.ceil(np.log10(peak))) + 1):
+            y = y_of(10.0**exponent)
+            if top <= y <= bottom:
+                draw.line((left - 4, y, left, y), fill=(0, 0, 0))
+                draw.text((8, y - 6), f"1e{exponent}", fill=(0, 0, 0))
+    else:
+        for frac in (0.0, 0.5, 1.0):
+            y = y_of(frac * peak)
+            draw.line((left - 4, y, left, y), fill=(0, 0, 0))
+            draw.text((8, y - 6), f"{frac * peak:.3f}", fill=(0, 0, 0))
+    if threshold is not None:
+        x = x_of(threshold)
+        draw.line((x, top, x, bottom), fill=THRESHOLD_COLOUR, width=2)
+    return panel
+
+
+def write_score_histograms(histogram: dict, threshold: float | None, path: str | Path, title: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    score_histograms(histogram, threshold, title).save(path)
+    return path

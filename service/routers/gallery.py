@@ -10,7 +10,7 @@ from service.deps import get_services, require_api_key
 from service.errors import not_found
 from service.pipeline import embed_uploads
 from service.schemas import (
-    EnrollResponse, Entry, Error, GalleryPage, IdentityDetail, IdentitySummary, validate_identity,
+    DuplicateItem, EnrollResponse, Entry, Error, GalleryPage, IdentityDetail, IdentitySummary, validate_identity,
 )
 from service.services import Services
 from service.store import EntryRow
@@ -36,11 +36,20 @@ async def enroll(
     camera: Annotated[int | None, Form(ge=0, description="camera number")] = None,
 ) -> EnrollResponse:
     """Enrol crops under an identity (created if new). All images are embedded before anything is
-    written, and all entries are committed in one transaction: 201 means durably stored."""
+    written, and all entries are committed in one transaction: 201 means durably stored. With a
+    threshold in force, `likely_duplicates` names other identities the crops already match."""
     identity = validate_identity(identity)
     vectors, crops = await embed_uploads(services, image, keep_crops=services.settings.store_crops)
+    threshold = services.default_threshold
+    duplicates = None
+    if threshold is not None:  # checked before enrolling, so the new crops cannot find themselves
+        found = await run_in_threadpool(services.gallery.likely_duplicates, identity, vectors, threshold.value)
+        duplicates = [DuplicateItem(identity=m.identity, score=m.score, entry_id=m.entry_id) for m in found]
     rows = await run_in_threadpool(services.gallery.enroll, identity, vectors, crops, camera)
-    return EnrollResponse(identity=identity, entries=[_entry(r) for r in rows], gallery_size=services.gallery.stats.entries)
+    return EnrollResponse(
+        identity=identity, entries=[_entry(r) for r in rows], gallery_size=services.gallery.stats.entries,
+        likely_duplicates=duplicates,
+    )
 
 
 @router.get("", response_model=GalleryPage)

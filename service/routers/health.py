@@ -8,6 +8,11 @@ from service.services import store_name
 
 router = APIRouter(tags=["health"])
 
+UNCALIBRATED = (
+    "the checkpoint carries no calibrated threshold and REID_MATCH_THRESHOLD is unset: /query ranks without a "
+    "known/unknown decision (python -m training calibrate writes one into the checkpoint)"
+)
+
 
 @router.get("/healthz", response_model=Health)
 def healthz() -> Health:
@@ -23,10 +28,14 @@ def readyz(request: Request):
         error = request.app.state.startup_error
         body = Readiness(status="failed" if error else "starting", detail=error or request.app.state.startup.detail)
         return JSONResponse(body.model_dump(), status_code=503)
-    info, stats = services.embedder.info, services.gallery.stats
+    info, stats, threshold = services.embedder.info, services.gallery.stats, services.default_threshold
     return Readiness(
         status="ready", model=info.model_name, arch=info.arch, fingerprint=info.fingerprint,
         backend=services.embedder.backend, device=services.embedder.device, gallery_size=stats.entries,
         identities=stats.identities, stale_entries=stats.stale_entries, log_position=stats.position,
         index=stats.index_kind, gallery_store=store_name(services.settings), gallery_stale=services.follower.stale,
+        calibrated=info.match_threshold is not None,
+        match_threshold=threshold.value if threshold else None,
+        threshold_source=threshold.source if threshold else None,
+        detail=None if threshold else UNCALIBRATED,
     )

@@ -9,7 +9,7 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   pendingCrops: [],   // [{blob, name, url}] waiting to be enrolled
-  queryCrop: null,    // {blob, name, url}
+  queryCrops: [],     // [{blob, name, url}]: one crop, or one person's tracklet
   galleryOffset: 0,
   cameraTarget: null, // "enroll" | "query"
   cameraStream: null,
@@ -101,8 +101,11 @@ async function refreshStatus() {
     }
     const model = [body.arch, body.backend && body.device ? `${body.backend} on ${body.device}` : body.backend]
       .filter(Boolean).join(" \u00b7 ");
-    el.textContent = model ? `ready \u00b7 ${model}` : "ready";
-    el.title = body.fingerprint ? `model fingerprint ${body.fingerprint}` : "";
+    const threshold = body.match_threshold === null || body.match_threshold === undefined
+      ? "no threshold" : `threshold ${body.match_threshold.toFixed(3)}`;
+    el.textContent = [model ? `ready \u00b7 ${model}` : "ready", threshold].join(" \u00b7 ");
+    el.title = [body.fingerprint ? `model fingerprint ${body.fingerprint}` : "", body.detail || ""]
+      .filter(Boolean).join("\n");
     el.className = "status ok";
     if (body.stale_entries) {
       showError("gallery-warning", new Error(
@@ -152,10 +155,12 @@ async function enroll(event) {
 
   $("enroll-submit").disabled = true;
   $("enroll-message").textContent = "enrolling\u2026";
+  showWarning("enroll-warning", "");
   try {
     const result = await api("POST", "/gallery", form);
     $("enroll-message").textContent =
       `enrolled ${result.entries.length} crop(s) as ${result.identity}; gallery holds ${result.gallery_size}`;
+    showWarning("enroll-warning", duplicateWarning(result));
     state.pendingCrops.forEach((c) => URL.revokeObjectURL(c.url));
     state.pendingCrops = [];
     renderPending();
@@ -168,30 +173,68 @@ async function enroll(event) {
   }
 }
 
-// ---- query -----------------------------------------------------------------
-
-function setQueryCrop(c) {
-  if (state.queryCrop) URL.revokeObjectURL(state.queryCrop.url);
-  state.queryCrop = c;
-  $("query-preview").src = c.url;
+function showWarning(id, text) {
+  $(id).textContent = text;
+  $(id).hidden = !text;
 }
 
-function renderMatches(matches) {
+// The 201 names other identities the new crops already match above the threshold.
+function duplicateWarning(result) {
+  const found = result.likely_duplicates || [];
+  if (found.length === 0) return "";
+  const names = found.map((d) => `${d.identity} (${d.score.toFixed(3)})`).join(", ");
+  return `Likely duplicate: these crops already match ${names} above the threshold. ` +
+    "Same person under another name? The crops were stored anyway.";
+}
+
+// ---- query -----------------------------------------------------------------
+
+function setQueryCrops(crops) {
+  state.queryCrops.forEach((c) => URL.revokeObjectURL(c.url));
+  state.queryCrops = crops;
+  $("query-preview").src = crops.length ? crops[0].url : "";
+  $("query-caption").textContent = crops.length > 1 ? `query: ${crops.length} crops` : "query";
+}
+
+function renderDecision(result) {
+  const el = $("query-decision");
+  const best = result.matches[0];
+  if (result.decision === null || result.decision === undefined) {
+    el.className = "decision none";
+    el.textContent = "No decision: the model has no calibrated threshold (set REID_MATCH_THRESHOLD, or calibrate the checkpoint).";
+  } else {
+    const source = { query: "this query", setting: "REID_MATCH_THRESHOLD", checkpoint: "calibrated" }[result.threshold_source];
+    const threshold = `threshold ${result.threshold.toFixed(3)} (${source})`;
+    el.className = `decision ${result.decision}`;
+    el.replaceChildren(
+      element("strong", { textContent: result.decision === "known" ? `Known: ${best.identity}` : "Unknown person" }),
+      result.decision === "known"
+        ? ` \u2014 score ${best.score.toFixed(3)} \u2265 ${threshold}`
+        : ` \u2014 ${best ? `best match ${best.identity} at ${best.score.toFixed(3)} <` : "nobody in the gallery;"} ${threshold}`,
+    );
+  }
+  el.dataset.decision = result.decision || "none";
+  el.hidden = false;
+}
+
+function renderMatches(result) {
   const list = $("results");
-  if (matches.length === 0) {
+  list.classList.toggle("ranking-only", result.threshold === null);
+  if (result.matches.length === 0) {
     list.replaceChildren(element("li", { className: "muted", textContent: "the gallery is empty" }));
     return;
   }
-  list.replaceChildren(...matches.map((m, i) => {
+  list.replaceChildren(...result.matches.map((m, i) => {
     const camera = m.camera === null || m.camera === undefined ? "" : ` \u00b7 cam ${m.camera}`;
     const bar = element("span", { className: "bar" });
     bar.style.width = `${Math.max(0, Math.min(1, m.score)) * 100}%`;
-    return element("li", { className: "match" }, [
+    return element("li", { className: m.match ? "match pass" : "match" }, [
       element("span", { className: "rank", textContent: `${i + 1}` }),
       cropImage(m.entry_id, `crop of ${m.identity}`),
       element("span", { className: "identity", textContent: m.identity }),
       element("span", { className: "score", textContent: `${m.score.toFixed(3)}${camera}` }),
       element("span", { className: "meter" }, [bar]),
+      element("span", { className: "verdict", textContent: m.match ? "match" : "" }),
     ]);
   }));
 }
@@ -199,24 +242,30 @@ function renderMatches(matches) {
 async function query(event) {
   event.preventDefault();
   showError("query-error", null);
-  if (!state.queryCrop) return showError("query-error", new Error("choose a query crop first"));
+  if (state.queryCrops.length === 0) return showError("query-error", new Error("choose a query crop first"));
 
   const params = new URLSearchParams({ k: $("query-k").value || "10", by: $("query-by").value });
   const excluded = $("query-exclude-camera").value.trim();
   if (excluded !== "") params.set("exclude_camera", excluded);
+  if ($("query-rerank").checked) params.set("rerank", "true");
   const form = new FormData();
-  form.append("image", state.queryCrop.blob, state.queryCrop.name);
+  for (const c of state.queryCrops) form.append("image", c.blob, c.name);
 
   $("query-submit").disabled = true;
   $("query-message").textContent = "searching\u2026";
   try {
     const result = await api("POST", `/query?${params}`, form);
-    $("query-message").textContent = `${result.matches.length} match(es) from ${result.gallery_size} gallery crops`;
-    renderMatches(result.matches);
+    const crops = result.crops > 1 ? ` for a tracklet of ${result.crops} crops` : "";
+    const reranked = result.reranked ? ", re-ranked" : "";
+    $("query-message").textContent =
+      `${result.matches.length} match(es) from ${result.gallery_size} gallery crops${crops}${reranked}`;
+    renderDecision(result);
+    renderMatches(result);
     $("query-view").hidden = false;
   } catch (err) {
     $("query-message").textContent = "";
     $("query-view").hidden = true;
+    $("query-decision").hidden = true;
     showError("query-error", err);
   } finally {
     $("query-submit").disabled = false;
@@ -321,7 +370,7 @@ function captureFrame() {
   canvas.toBlob((blob) => {
     const c = crop(blob, `camera-${Date.now()}.jpg`);
     if (state.cameraTarget === "query") {
-      setQueryCrop(c);
+      setQueryCrops([c]);
       closeCamera();
     } else {
       state.pendingCrops.push(c);
@@ -340,8 +389,8 @@ function start() {
   $("enroll-files").addEventListener("change", addEnrollFiles);
   $("enroll-form").addEventListener("submit", enroll);
   $("query-file").addEventListener("change", () => {
-    const file = $("query-file").files[0];
-    if (file) setQueryCrop(crop(file, file.name));
+    const files = [...$("query-file").files];
+    if (files.length) setQueryCrops(files.map((file) => crop(file, file.name)));
   });
   $("query-form").addEventListener("submit", query);
   $("enroll-camera-button").addEventListener("click", () => openCamera("enroll"));
