@@ -203,7 +203,7 @@ def _check_recipe(r) -> None:
 
 def cmd_eval(args) -> int:
     import torch
-    from tqdm import tqdm
+    from models.progress import progress
 
     from models import load_checkpoint
     from training.data import load_reid_data
@@ -216,7 +216,7 @@ def cmd_eval(args) -> int:
     model, info = load_checkpoint(args.checkpoint, device)
     data = load_reid_data(args.data, with_train=False)
     torch.set_grad_enabled(False)
-    with tqdm(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
+    with progress(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
         metrics, distmat = evaluate_model(
             model, data, info.mean, info.std, device, batch_size=args.batch_size, workers=args.workers, progress=bar
         )

@@ -6,11 +6,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import get_services, require_api_key
-from service.errors import not_found
+from service.admission import WaitBudget
+from service.deps import get_services, get_wait_budget, require_api_key
+from service.errors import documented, not_found
 from service.pipeline import embed_uploads
 from service.schemas import (
-    EnrollResponse, Entry, Error, GalleryPage, IdentityDetail, IdentitySummary, validate_identity,
+    STORE_INT_MAX, EnrollResponse, Entry, GalleryPage, IdentityDetail, IdentitySummary, validate_identity,
 )
 from service.services import Services
 from service.store import EntryRow
@@ -27,27 +28,29 @@ def _entry(row: EntryRow) -> Entry:
 
 @router.post(
     "", status_code=201, response_model=EnrollResponse, dependencies=[Depends(require_api_key)],
-    responses={401: {"model": Error}, 413: {"model": Error}, 415: {"model": Error}, 422: {"model": Error}},
+    responses=documented(400, 401, 413, 415, 422, 503, 504),
 )
 async def enroll(
     identity: Annotated[str, Form(description="1-128 printable characters, no '/'")],
     image: Annotated[list[UploadFile], File(description="one or more crops of this person")],
     services: Annotated[Services, Depends(get_services)],
-    camera: Annotated[int | None, Form(ge=0, description="camera number")] = None,
+    budget: Annotated[WaitBudget, Depends(get_wait_budget)],
+    camera: Annotated[int | None, Form(ge=0, le=STORE_INT_MAX, description="camera number")] = None,
 ) -> EnrollResponse:
     """Enrol crops under an identity (created if new). All images are embedded before anything is
-    written, and all entries are committed in one transaction: 201 means durably stored."""
+    written, and all entries are committed in one transaction: 201 means durably stored; any
+    error (503 overloaded, 504 past the deadline included) means nothing was written."""
     identity = validate_identity(identity)
-    vectors, crops = await embed_uploads(services, image, keep_crops=services.settings.store_crops)
+    vectors, crops = await embed_uploads(services, image, budget, keep_crops=services.settings.store_crops)
     rows = await run_in_threadpool(services.gallery.enroll, identity, vectors, crops, camera)
     services.refresh_gauges()
     return EnrollResponse(identity=identity, entries=[_entry(r) for r in rows], gallery_size=services.gallery.size)
 
 
-@router.get("", response_model=GalleryPage)
+@router.get("", response_model=GalleryPage, responses=documented(422, 503))
 def list_identities(
     services: Annotated[Services, Depends(get_services)],
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=STORE_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> GalleryPage:
     store = services.gallery.store
@@ -59,7 +62,7 @@ def list_identities(
     )
 
 
-@router.get("/{identity}", response_model=IdentityDetail, responses={404: {"model": Error}})
+@router.get("/{identity}", response_model=IdentityDetail, responses=documented(404, 503))
 def get_identity(identity: str, services: Annotated[Services, Depends(get_services)]) -> IdentityDetail:
     rows = services.gallery.store.identity_entries(identity)
     if rows is None:
@@ -69,7 +72,7 @@ def get_identity(identity: str, services: Annotated[Services, Depends(get_servic
 
 @router.delete(
     "/{identity}", status_code=204, dependencies=[Depends(require_api_key)],
-    responses={401: {"model": Error}, 404: {"model": Error}},
+    responses=documented(401, 404, 503),
 )
 def delete_identity(identity: str, services: Annotated[Services, Depends(get_services)]) -> Response:
     if not services.gallery.delete(identity):

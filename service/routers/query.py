@@ -8,10 +8,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import get_services
-from service.errors import bad_request, not_found
+from service.admission import WaitBudget
+from service.deps import get_services, get_wait_budget
+from service.errors import bad_request, documented, not_found
 from service.pipeline import embed_uploads
-from service.schemas import Error, MatchItem, QueryResponse
+from service.schemas import MatchItem, QueryResponse
 from service.services import Services
 
 router = APIRouter(prefix="/query", tags=["query"])
@@ -53,7 +54,7 @@ async def _search(services: Services, vector: np.ndarray, params: QueryParams) -
     )
 
 
-@router.get("", response_model=QueryResponse, responses={404: {"model": Error}, 422: {"model": Error}})
+@router.get("", response_model=QueryResponse, responses=documented(404, 422, 503))
 async def query_by_id(
     embedding_id: Annotated[str, Query(description="an id from POST /embed")],
     params: Annotated[QueryParams, Depends(query_params)],
@@ -66,13 +67,14 @@ async def query_by_id(
     return await _search(services, vector, params)
 
 
-@router.post("", response_model=QueryResponse, responses={413: {"model": Error}, 415: {"model": Error}})
+@router.post("", response_model=QueryResponse, responses=documented(400, 413, 415, 422, 503, 504))
 async def query_by_image(
     image: Annotated[UploadFile, File(description="the crop to look up")],
     params: Annotated[QueryParams, Depends(query_params)],
     services: Annotated[Services, Depends(get_services)],
+    budget: Annotated[WaitBudget, Depends(get_wait_budget)],
 ) -> QueryResponse:
     """Embed a crop and rank the gallery against it in one round trip."""
     _check_k(services, params)  # before spending a forward pass
-    vectors, _ = await embed_uploads(services, [image])
+    vectors, _ = await embed_uploads(services, [image], budget)
     return await _search(services, vectors[0], params)

@@ -1,0 +1,194 @@
+"""Admission control: a bound on the images waiting for the model, and per-request deadlines.
+
+An image is *admitted* once its request's body is read and until its embedding is back (it
+is being decoded, queued in the batcher or in a forward pass). A request whose images do not
+fit under the bound is answered 503 with Retry-After at once: a queue that only grows serves
+nobody in time. The bound defaults to what the model gets through in ``REID_QUEUE_TARGET_S``
+(throughput measured at start), so an admitted image waits about that long at most.
+
+Admitted work then runs under the request's deadline: past it, or when the client
+disconnects, the work is cancelled and its images still queued are dropped by the batcher
+before the model runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+
+from service.batcher import DeadlineExceeded
+from service.errors import ClientError, retry_later
+
+if TYPE_CHECKING:
+    from service.embedder import Embedder
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEADLINE_KEY = "reid.deadline"  # in the ASGI scope: time.monotonic() by which the images must be embedded
+
+
+class Admission:
+    """Counts admitted images against the bound. Used on the event loop only: no lock."""
+
+    def __init__(self, bound: int | None = None, throughput: float | None = None,
+                 on_refuse: Callable[[], None] = lambda: None):
+        self.bound = bound  # None until start-up has measured the model
+        self.throughput = throughput  # images per second, for Retry-After
+        self.depth = 0
+        self._on_refuse = on_refuse
+
+    def configure(self, bound: int, throughput: float) -> None:
+        self.bound, self.throughput = bound, throughput
+
+    @property
+    def full(self) -> bool:
+        """No room for even one more image: refuse from the headers, before reading a body."""
+        return self.bound is not None and self.depth >= self.bound
+
+    def retry_after_s(self) -> int:
+        """Seconds until what is admitted now has drained (at least 1)."""
+        if not self.throughput:
+            return 1
+        return max(1, math.ceil(self.depth / self.throughput))
+
+    def refuse(self) -> ClientError:
+        """The 503 for a request that finds no room (counted as shed)."""
+        self._on_refuse()
+        return retry_later(
+            "overloaded", f"overloaded: {self.depth} images are waiting for the model (limit {self.bound}); retry later",
+            self.retry_after_s(),
+        )
+
+    @contextmanager
+    def admit(self, images: int) -> Iterator[None]:
+        """Hold room for ``images`` until the block ends, or raise a 503. A request bigger than
+        the whole bound is still admitted when nothing else waits, so that it can ever run."""
+        if self.bound is not None and self.depth > 0 and self.depth + images > self.bound:
+            raise self.refuse()
+        self.depth += images
+        try:
+            yield
+        finally:
+            self.depth -= images
+
+
+# -- the default bound ---------------------------------------------------------------------
+
+
+def measure_throughput(embed: Callable[[np.ndarray], np.ndarray], input_size: tuple[int, int], batch: int,
+                       workers: int) -> float:
+    """Images per second of ``workers`` passes side by side, from the best of a few timed passes
+    of one (after a warm-up pass, which also spares the first request a slow first pass)."""
+    h, w = input_size
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+    embed(pixels)
+    best = math.inf
+    for _ in range(3):
+        started = time.perf_counter()
+        embed(pixels)
+        best = min(best, time.perf_counter() - started)
+    return workers * batch / best
+
+
+def default_bound(throughput: float, target_s: float, floor: int) -> int:
+    """Images the model gets through in ``target_s``; at least ``floor`` (a full batch per worker)."""
+    return max(floor, math.ceil(throughput * target_s))
+
+
+MEASURE_BATCH = 8  # a batch concurrent single-crop clients fill; bigger ones are no faster on CPU
+
+
+def size_queue(embedder: Embedder, settings: Settings) -> tuple[int, float]:
+    """(queue bound, images per second): REID_MAX_QUEUE_IMAGES, or what the model, measured now,
+    gets through in REID_QUEUE_TARGET_S."""
+    batch = min(settings.max_batch_size, MEASURE_BATCH)
+    throughput = measure_throughput(embedder.embed, embedder.info.input_size, batch, embedder.workers)
+    bound = settings.max_queue_images or default_bound(
+        throughput, settings.queue_target_s, floor=settings.max_batch_size * embedder.workers
+    )
+    log.info("model: %.0f images/s measured; queue bound %d images (%s)", throughput, bound,
+             "REID_MAX_QUEUE_IMAGES" if settings.max_queue_images else f"{settings.queue_target_s:g} s of work")
+    return bound, throughput
+
+
+# -- deadlines and disconnects -------------------------------------------------------------
+
+
+class ClientGone(ClientError):
+    """The client disconnected while its work waited. Nobody reads the answer; the access log
+    and metrics show it as 499, as nginx does."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client_gone", "the client disconnected before its images were embedded")
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns once the client has gone. Only called after the body was read, when the next
+    ASGI message can only be ``http.disconnect``."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_bounded(work: Awaitable[T], *, deadline: float, receive: Callable[[], Awaitable[dict]]) -> T:
+    """Await ``work`` until ``deadline`` (time.monotonic()) or until the client disconnects; then
+    cancel it (its queued images are dropped) and raise a 504 ClientError or ClientGone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            try:
+                return task.result()
+            except DeadlineExceeded:  # the batcher found the images expired before our timer fired
+                raise timed_out(deadline) from None
+        task.cancel()
+        await asyncio.wait({task})  # its images are un-queued before the answer goes out
+        if watcher in done:
+            raise ClientGone()
+        raise timed_out(deadline)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def timed_out(deadline: float) -> ClientError:
+    return ClientError(504, "timeout", "the request's deadline passed before its images were embedded; retry later")
+
+
+@dataclass(frozen=True)
+class WaitBudget:
+    """What one request may spend waiting for the model: room under the bound, its deadline,
+    and its connection (to notice a client that leaves). Built per request by a dependency."""
+
+    admission: Admission
+    deadline: float  # time.monotonic()
+    receive: Callable[[], Awaitable[dict]]
+    on_timeout: Callable[[], None] = lambda: None
+    on_gone: Callable[[], None] = lambda: None
+
+    async def run(self, images: int, work: Callable[[float], Awaitable[T]]) -> T:
+        """Admit ``images`` (503 when there is no room), then await ``work(deadline)`` within the
+        deadline (504) and while the client stays (ClientGone)."""
+        with self.admission.admit(images):
+            try:
+                return await run_bounded(work(self.deadline), deadline=self.deadline, receive=self.receive)
+            except ClientGone:
+                self.on_gone()
+                raise
+            except ClientError as e:
+                if e.status == 504:
+                    self.on_timeout()
+                raise
