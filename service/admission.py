@@ -3,8 +3,8 @@
 An image is *admitted* once its request's body is read and until its embedding is back (it
 is being decoded, queued in the batcher or in a forward pass). A request whose images do not
 fit under the bound is answered 503 with Retry-After at once: a queue that only grows serves
-nobody in time. The bound defaults to what the model gets through in ``REID_QUEUE_TARGET_S``
-(throughput measured at start), so an admitted image waits about that long at most.
+nobody in time. The bound defaults to what the service gets through in ``REID_QUEUE_TARGET_S``
+(throughput measured at start, then as served), so an admitted image waits about that long.
 
 Admitted work then runs under the request's deadline: past it, or when the client
 disconnects, the work is cancelled and its images still queued are dropped by the batcher
@@ -38,18 +38,57 @@ T = TypeVar("T")
 DEADLINE_KEY = "reid.deadline"  # in the ASGI scope: time.monotonic() by which the images must be embedded
 
 
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How the bound follows the model's throughput."""
+
+    target_s: float  # the wait an admitted image should see at most: bound = throughput x this
+    floor: int  # the bound never goes below: a full batch for every worker
+    busy_depth: int  # admitted images that keep every worker busy (one per worker)
+    fixed_bound: int = 0  # REID_MAX_QUEUE_IMAGES: a bound that does not follow (0: follow)
+
+
 class Admission:
-    """Counts admitted images against the bound. Used on the event loop only: no lock."""
+    """Counts admitted images against the bound. Used on the event loop only: no lock.
 
-    def __init__(self, bound: int | None = None, throughput: float | None = None,
-                 on_refuse: Callable[[], None] = lambda: None):
-        self.bound = bound  # None until start-up has measured the model
-        self.throughput = throughput  # images per second, for Retry-After
+    The throughput starts as measured at start-up (the bare model) and then follows what the
+    service really gets through while the model is saturated: every WINDOW_S in which the
+    admitted images never fell below ``busy_depth``, images served / window time, smoothed.
+    HTTP, decoding and other work on the same cores make that less than the bare model; so
+    the bound keeps the wait of an admitted image near the target whatever the machine does.
+    """
+
+    WINDOW_S = 1.0
+    SMOOTHING = 0.5  # weight of the newest window
+
+    def __init__(self, on_refuse: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic):
+        self.bound: int | None = None  # None until start-up has measured the model: nothing refused
+        self.throughput: float | None = None  # images per second
         self.depth = 0
-        self._on_refuse = on_refuse
+        self.policy: QueuePolicy | None = None
+        self._on_refuse, self._clock = on_refuse, clock
+        self._window_start, self._served, self._lowest = clock(), 0, 0
 
-    def configure(self, bound: int, throughput: float) -> None:
-        self.bound, self.throughput = bound, throughput
+    def configure(self, policy: QueuePolicy, throughput: float) -> None:
+        self.policy = policy
+        self._follow(throughput)
+
+    def _follow(self, throughput: float) -> None:
+        assert self.policy is not None
+        self.throughput = throughput
+        self.bound = self.policy.fixed_bound or default_bound(throughput, self.policy.target_s, self.policy.floor)
+
+    def _observe(self) -> None:
+        """After every change of depth: close the window when it is over."""
+        self._lowest = min(self._lowest, self.depth)
+        now = self._clock()
+        elapsed = now - self._window_start
+        if elapsed < self.WINDOW_S:
+            return
+        if self.policy is not None and self._lowest >= self.policy.busy_depth and self._served:
+            measured = self._served / elapsed
+            self._follow(self.SMOOTHING * measured + (1 - self.SMOOTHING) * (self.throughput or measured))
+        self._window_start, self._served, self._lowest = now, 0, self.depth
 
     @property
     def full(self) -> bool:
@@ -77,10 +116,15 @@ class Admission:
         if self.bound is not None and self.depth > 0 and self.depth + images > self.bound:
             raise self.refuse()
         self.depth += images
+        self._observe()
+        served = False
         try:
             yield
+            served = True
         finally:
             self.depth -= images
+            self._served += images if served else 0
+            self._observe()
 
 
 # -- the default bound ---------------------------------------------------------------------
@@ -109,17 +153,18 @@ def default_bound(throughput: float, target_s: float, floor: int) -> int:
 MEASURE_BATCH = 8  # a batch concurrent single-crop clients fill; bigger ones are no faster on CPU
 
 
-def size_queue(embedder: Embedder, settings: Settings) -> tuple[int, float]:
-    """(queue bound, images per second): REID_MAX_QUEUE_IMAGES, or what the model, measured now,
-    gets through in REID_QUEUE_TARGET_S."""
+def queue_policy(embedder: Embedder, settings: Settings) -> tuple[QueuePolicy, float]:
+    """The policy from the settings, and the bare model's images per second measured now: the
+    throughput the bound starts from (REID_MAX_QUEUE_IMAGES, when set, fixes the bound)."""
     batch = min(settings.max_batch_size, MEASURE_BATCH)
     throughput = measure_throughput(embedder.embed, embedder.info.input_size, batch, embedder.workers)
-    bound = settings.max_queue_images or default_bound(
-        throughput, settings.queue_target_s, floor=settings.max_batch_size * embedder.workers
-    )
-    log.info("model: %.0f images/s measured; queue bound %d images (%s)", throughput, bound,
-             "REID_MAX_QUEUE_IMAGES" if settings.max_queue_images else f"{settings.queue_target_s:g} s of work")
-    return bound, throughput
+    policy = QueuePolicy(target_s=settings.queue_target_s, floor=settings.max_batch_size * embedder.workers,
+                         busy_depth=embedder.workers, fixed_bound=settings.max_queue_images)
+    log.info("model: %.0f images/s measured; queue bound %s", throughput,
+             f"{policy.fixed_bound} images (REID_MAX_QUEUE_IMAGES)" if policy.fixed_bound
+             else f"{default_bound(throughput, policy.target_s, policy.floor)} images to start with "
+                  f"({policy.target_s:g} s of work; follows the throughput served)")
+    return policy, throughput
 
 
 # -- deadlines and disconnects -------------------------------------------------------------

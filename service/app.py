@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
-from service.admission import Admission, size_queue
+from service.admission import Admission, queue_policy
 from service.drain import Lifecycle
 from service.errors import ClientError, error_response
 from service.metrics import Metrics
@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     m = Metrics()
     admission = Admission(on_refuse=m.requests_shed.labels("overloaded").inc)
     m.queue_images.set_function(lambda: admission.depth)
+    m.queue_limit.set_function(lambda: admission.bound or 0)
     lifecycle = Lifecycle()
 
     @asynccontextmanager
@@ -104,8 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async def start() -> None:
             try:
                 services = await asyncio.to_thread(build_services, settings, m)
-                admission.configure(*await asyncio.to_thread(size_queue, services.embedder, settings))
-                m.queue_limit.set(admission.bound)
+                admission.configure(*await asyncio.to_thread(queue_policy, services.embedder, settings))
                 app.state.services = services
                 log.info("ready")
             except Exception as e:

@@ -48,7 +48,7 @@ class Metrics:
             "reid_queue_images", "Images admitted and not yet embedded (decoding, queued or in a forward pass)",
             registry=r,
         )
-        self.queue_limit = Gauge("reid_queue_limit", "Most images admitted at once; beyond it uploads get 503", registry=r)
+        self.queue_limit = Gauge("reid_queue_limit", "Most images admitted at once, beyond which uploads get 503 (follows the throughput served)", registry=r)
         for stage in STAGES:  # export every series from the start, at zero
             self.stage_duration.labels(stage)
         for reason in ("overloaded", "shutting_down"):

@@ -4,13 +4,16 @@ and the batcher drops what nobody waits for before the model runs it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from service.admission import Admission, ClientGone, WaitBudget, default_bound, measure_throughput, run_bounded
+from service.admission import (
+    Admission, ClientGone, QueuePolicy, WaitBudget, default_bound, measure_throughput, run_bounded,
+)
 from service.batcher import Batcher, DeadlineExceeded
 from service.errors import ClientError
 
@@ -43,9 +46,15 @@ def never_disconnects():
 # -- the bound ----------------------------------------------------------------------------
 
 
+def admission_with(bound: int, throughput: float, **kwargs) -> Admission:
+    admission = Admission(**kwargs)
+    admission.configure(QueuePolicy(target_s=1.0, floor=1, busy_depth=1, fixed_bound=bound), throughput)
+    return admission
+
+
 def test_admission_refuses_beyond_the_bound_with_retry_after_and_frees_room_after():
     refused = []
-    admission = Admission(bound=10, throughput=4.0, on_refuse=lambda: refused.append(1))
+    admission = admission_with(bound=10, throughput=4.0, on_refuse=lambda: refused.append(1))
     with admission.admit(8):
         assert not admission.full
         with pytest.raises(ClientError) as error:
@@ -58,8 +67,14 @@ def test_admission_refuses_beyond_the_bound_with_retry_after_and_frees_room_afte
     assert admission.depth == 0 and len(refused) == 1
 
 
+def test_nothing_is_refused_before_start_up_has_measured_the_model():
+    admission = Admission()
+    with admission.admit(1000):
+        assert not admission.full
+
+
 def test_a_request_bigger_than_the_bound_runs_alone():
-    admission = Admission(bound=4, throughput=100.0)
+    admission = admission_with(bound=4, throughput=100.0)
     with admission.admit(64):  # nothing else waits: admitted, else it could never run
         with pytest.raises(ClientError):
             with admission.admit(1):
@@ -71,6 +86,29 @@ def test_default_bound_is_the_target_wait_of_measured_work():
     assert default_bound(throughput=20.0, target_s=0.5, floor=64) == 64  # a full batch per worker at least
     slow = lambda images: time.sleep(0.01) or images  # noqa: E731
     assert 100 < measure_throughput(slow, (4, 2), batch=2, workers=1) <= 200
+
+
+def test_the_bound_follows_the_throughput_served_while_the_model_is_saturated():
+    """Start-up measures the bare model (1000 images/s); the service, sharing the cores with
+    HTTP, serves 100: the bound comes down to 100 x 0.5 s. Light load teaches it nothing."""
+    now = [0.0]
+    admission = Admission(clock=lambda: now[0])
+    admission.configure(QueuePolicy(target_s=0.5, floor=8, busy_depth=2), throughput=1000.0)
+    assert admission.bound == 500
+
+    def serve(seconds: float, rate: float, backlog: int) -> None:
+        """``backlog`` images always admitted, ``rate`` requests of one image served per second."""
+        with admission.admit(backlog) if backlog else contextlib.nullcontext():
+            for _ in range(int(seconds * rate)):
+                with admission.admit(1):
+                    now[0] += 1 / rate
+
+    serve(seconds=2, rate=5, backlog=0)  # one image at a time: the model was not saturated
+    assert admission.bound == 500
+    serve(seconds=10, rate=100, backlog=20)
+    assert admission.throughput == pytest.approx(100, rel=0.05) and admission.bound == pytest.approx(50, abs=3)
+    serve(seconds=10, rate=300, backlog=20)  # the machine got faster
+    assert admission.bound == pytest.approx(150, abs=8)
 
 
 # -- the batcher drops what nobody waits for ----------------------------------------------
@@ -152,7 +190,7 @@ def test_an_expired_image_found_by_the_batcher_is_a_504_too():
         raise DeadlineExceeded()
 
     counted = []
-    budget = WaitBudget(Admission(bound=10), time.monotonic() + 30, never_disconnects(),
+    budget = WaitBudget(Admission(), time.monotonic() + 30, never_disconnects(),
                         on_timeout=lambda: counted.append(1))
     with pytest.raises(ClientError) as error:
         asyncio.run(budget.run(1, expired_in_queue))
