@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +70,11 @@ class Pool:
     def __init__(self, port: int):
         self.port, self.idle, self.open = port, deque(), 0
 
-    async def request(self, payload: bytes) -> int:
-        if self.idle:
+    async def request(self, payload: bytes, reuse: bool = True) -> int:
+        """The answer's status; 0 when the connection failed (a reused one is retried once, on a
+        new connection, as HTTP clients do: the server may have closed it while it was idle)."""
+        reused = reuse and bool(self.idle)
+        if reused:
             reader, writer = self.idle.pop()
         else:
             self.open += 1
@@ -82,7 +85,7 @@ class Pool:
         except (OSError, asyncio.IncompleteReadError):
             writer.close()
             self.open -= 1
-            return 0
+            return await self.request(payload, reuse=False) if reused else 0
         if close:
             writer.close()
             self.open -= 1
@@ -191,7 +194,8 @@ def summarize(results: list, warmup: float, seconds: float) -> dict:
         "ok_p50": percentile(ok, 0.5), "ok_p99": percentile(ok, 0.99), "shed": len(shed) / window,
         "shed_p50": percentile(shed, 0.5), "shed_p99": percentile(shed, 0.99),
         "timeouts": sum(1 for _, s, _ in kept if s == 504),
-        "other": sum(1 for _, s, _ in kept if s not in (200, 503, 504)),
+        "other": ", ".join(f"{status}: {n}" for status, n in sorted(Counter(
+            s for _, s, _ in kept if s not in (200, 503, 504)).items())) or "-",
     }
 
 

@@ -197,19 +197,19 @@ async def run_bounded(work: Awaitable[T], *, deadline: float, receive: Callable[
             try:
                 return task.result()
             except DeadlineExceeded:  # the batcher found the images expired before our timer fired
-                raise timed_out(deadline) from None
+                raise timed_out() from None
         task.cancel()
         await asyncio.wait({task})  # its images are un-queued before the answer goes out
         if watcher in done:
             raise ClientGone()
-        raise timed_out(deadline)
+        raise timed_out()
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
 
 
-def timed_out(deadline: float) -> ClientError:
+def timed_out() -> ClientError:
     return ClientError(504, "timeout", "the request's deadline passed before its images were embedded; retry later")
 
 
