@@ -209,7 +209,8 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8", help="multiples of the measured capacity")
     parser.add_argument("--seconds", type=float, default=20, help="per level (and for the capacity run)")
     parser.add_argument("--warmup", type=float, default=3, help="seconds of each level left out of the figures")
-    parser.add_argument("--clients", type=int, default=8, help="closed-loop clients that measure capacity")
+    parser.add_argument("--clients", type=int, default=32,
+                        help="closed-loop clients that measure capacity (enough to keep the model saturated)")
     parser.add_argument("--env", action="append", default=[], help="REID_X=Y service settings, repeatable")
     args = parser.parse_args()
     if args.client:
@@ -224,7 +225,7 @@ def main() -> None:
     with ServiceProcess(checkpoint, tmp / "data", **settings) as service:
         pid = service.proc.pid
         metrics = lambda: service.client().get("/metrics").text  # noqa: E731
-        limit = metric_value(metrics(), "reid_queue_limit")
+        limit, rss_ready = metric_value(metrics(), "reid_queue_limit"), rss_mb(pid)
         capacity_run = summarize(run_client(service.port, args.seconds, clients=args.clients)["results"],
                                  args.warmup, args.seconds)
         capacity = capacity_run["goodput"]
@@ -245,8 +246,9 @@ def main() -> None:
             print(f"  {level:g}x done: goodput {row['goodput']:.0f}/s, shed {row['shed']:.0f}/s", file=sys.stderr)
         shed_total = metric_value(metrics(), 'reid_requests_shed_total{reason="overloaded"}')
 
-    print(f"\ncapacity (closed loop, {args.clients} clients): {capacity:.0f} req/s; queue bound {limit:.0f} images; "
-          f"{shed_total:.0f} requests shed in all\n")
+    print(f"\ncapacity (closed loop, {args.clients} clients): {capacity:.0f} req/s (p50 {capacity_run['ok_p50'] * 1000:.0f}"
+          f" ms); queue bound at start {limit:.0f} images; RSS when ready {rss_ready:.0f} MB;"
+          f" {shed_total:.0f} requests shed in all\n")
     print("| load | offered | goodput (200/s) | goodput : capacity | accepted p50 | accepted p99 | shed (503/s) |"
           " shed p50 | shed p99 | 504s | other | RSS before / after / peak | client CPU per request |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -145,6 +146,19 @@ def measure_throughput(embed: Callable[[np.ndarray], np.ndarray], input_size: tu
     return workers * batch / best
 
 
+def warm_up(embed: Callable[[np.ndarray], np.ndarray], input_size: tuple[int, int], batch: int, workers: int) -> None:
+    """A pass of the largest batch on every worker at once: the backend's memory pools grow now
+    to what the heaviest load needs (HA-CNN, ONNX, batch 32 x 2 workers: +300 MB), not at the
+    first overload, so resident memory at start is resident memory under any load."""
+    h, w = input_size
+    pixels = np.zeros((batch, h, w, 3), np.uint8)
+    passes = [threading.Thread(target=embed, args=(pixels,)) for _ in range(workers)]
+    for thread in passes:
+        thread.start()
+    for thread in passes:
+        thread.join()
+
+
 def default_bound(throughput: float, target_s: float, floor: int) -> int:
     """Images the model gets through in ``target_s``; at least ``floor`` (a full batch per worker)."""
     return max(floor, math.ceil(throughput * target_s))
@@ -156,6 +170,7 @@ MEASURE_BATCH = 8  # a batch concurrent single-crop clients fill; bigger ones ar
 def queue_policy(embedder: Embedder, settings: Settings) -> tuple[QueuePolicy, float]:
     """The policy from the settings, and the bare model's images per second measured now: the
     throughput the bound starts from (REID_MAX_QUEUE_IMAGES, when set, fixes the bound)."""
+    warm_up(embedder.embed, embedder.info.input_size, settings.max_batch_size, embedder.workers)
     batch = min(settings.max_batch_size, MEASURE_BATCH)
     throughput = measure_throughput(embedder.embed, embedder.info.input_size, batch, embedder.workers)
     policy = QueuePolicy(target_s=settings.queue_target_s, floor=settings.max_batch_size * embedder.workers,
