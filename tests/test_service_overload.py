@@ -160,41 +160,50 @@ def test_past_its_deadline_a_request_gets_504_and_the_model_skips_its_images(wor
 
 def test_sigterm_turns_readiness_503_refuses_new_work_and_finishes_enrollments(workdir, crops):
     service = start(workdir, "drain", log_level="info", log_format="json", max_queue_images=1000,
-                    shutdown_delay_s=2, shutdown_grace_s=30, **SLOW)
-    enrollments = [(f"person-{i}", crops[i * 30:(i + 1) * 30]) for i in range(3)]
+                    shutdown_delay_s=3, shutdown_grace_s=60, **SLOW)
+    enrollments = {f"person-{i}": crops[i * 30:(i + 1) * 30] for i in range(3)}
     answers: dict[str, int] = {}
 
-    def enrol(identity: str, images: list[bytes]) -> None:
+    def enrol(identity: str) -> None:
         with service.client() as c:
-            answers[identity] = c.post("/gallery", data={"identity": identity}, files=files(*images)).status_code
+            r = c.post("/gallery", data={"identity": identity}, files=files(*enrollments[identity]))
+            answers[identity] = r.status_code
 
-    threads = [threading.Thread(target=enrol, args=e) for e in enrollments]
+    threads = [threading.Thread(target=enrol, args=(identity,)) for identity in enrollments]
     for t in threads:
         t.start()
+    # One more enrollment whose upload is only half sent: it stays in flight until the test
+    # sends the rest, so the drain cannot end before the test has seen every phase.
+    slow = socket.create_connection(("127.0.0.1", service.port), timeout=60)
+    head, body = raw_request("/gallery", files(*crops[90:100]), identity="person-slow")
+    slow.sendall(head + body[: len(body) // 2])
     wait_for(lambda: service.metric("reid_queue_images") >= 60, what="enrollments to be admitted")
+
     service.proc.send_signal(signal.SIGTERM)
     with service.client() as c:
         wait_for(lambda: c.get("/readyz").status_code == 503, timeout=5, what="readiness to turn 503")
         assert c.get("/readyz").json()["status"] == "stopping"
         assert c.post("/embed", files=files(crops[0])).status_code == 200  # still served during the delay
-    # Then new requests are refused, with the connection closed so the client goes elsewhere.
-    refused = None
-    while refused is None:
-        with service.client() as c:
-            r = c.get("/gallery")
-            if r.status_code == 503:
-                refused = r
+        # Then new requests are refused, with the connection closed so the client goes elsewhere.
+        wait_for(lambda: c.get("/gallery").status_code == 503, timeout=10, what="new requests to be refused")
+        refused = c.get("/gallery")
     assert refused.json()["code"] == "shutting_down" and refused.headers["connection"] == "close"
     assert "retry-after" in refused.headers
+    # Requests in flight finish: the slow upload too.
+    slow.sendall(body[len(body) // 2:])
+    status, _, slow_answer = read_response(slow)
+    slow.close()
+    assert status == 201, slow_answer
     for t in threads:
         t.join()
-    assert answers == {identity: 201 for identity, _ in enrollments}  # in flight: all finished
+    assert answers == {identity: 201 for identity in enrollments}
     assert service.proc.wait(timeout=30) in (0, -signal.SIGTERM)
     service.stop()
 
     store = GalleryStore(service.data_dir / "gallery.sqlite3")
-    assert dict(store.list_identities(0, 100)) == {identity: len(images) for identity, images in enrollments}
+    stored = dict(store.list_identities(0, 100))
     store.close()
+    assert stored == {**{identity: 30 for identity in enrollments}, "person-slow": 10}
     records = [json.loads(line) for line in service.log_path.read_text().splitlines() if line.strip()]
     access = [r for r in records if r["logger"] == "service.access"]
     assert {(r["method"], r["route"], r["status"]) for r in access} >= {
