@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service_support import ServiceProcess, files, jpeg, make_checkpoint, person_crop
+from tests.service_support import ServiceProcess, files, jpeg, person_crop, seed_onnx_cache
 
 API_KEY = "fuzz-key"
 # Fixed, so that a failure reproduces; small enough to keep the suite fast (~10 s).
@@ -21,9 +21,12 @@ SEED, EXAMPLES = 20261124, 25
 
 
 @pytest.fixture(scope="module")
-def keyed_service(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fuzz")
-    service = ServiceProcess(make_checkpoint(tmp / "model.safetensors"), tmp / "data", api_key=API_KEY).start()
+def keyed_service(tmp_path_factory, served_checkpoint):
+    checkpoint, template = served_checkpoint
+    data = tmp_path_factory.mktemp("fuzz") / "data"
+    data.mkdir()
+    seed_onnx_cache(template, data)
+    service = ServiceProcess(checkpoint, data, api_key=API_KEY).start()
     with service.client(headers={"X-API-Key": API_KEY}) as c:
         assert c.post("/gallery", data={"identity": "alice"}, files=files(jpeg(person_crop(0)))).status_code == 201
     yield service

@@ -19,11 +19,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.embedder import load_embedder
 from service.settings import Settings
 from service.store import GalleryStore
 from tests.service_support import (
-    ServiceProcess, files, jpeg, make_checkpoint, metric_value, person_crop, seed_onnx_cache,
+    ServiceProcess, files, jpeg, metric_value, person_crop, seed_onnx_cache,
 )
 
 SLOW = {"model_workers": 1, "max_batch_size": 1, "max_images_per_request": 256}
@@ -31,18 +30,14 @@ MANY = 200  # images in one long request: at least a second of model work at one
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("overload")
-    make_checkpoint(tmp / "model.safetensors")
-    load_embedder(tmp / "model.safetensors", device="cpu", backend="onnx", data_dir=tmp / "template")
-    return tmp
+def workdir(tmp_path_factory, served_checkpoint) -> Path:
+    return tmp_path_factory.mktemp("overload")
 
 
-def start(workdir: Path, name: str, **settings) -> ServiceProcess:
-    data = workdir / name
+def start(checkpoint: tuple[Path, Path], data: Path, **settings) -> ServiceProcess:
     data.mkdir()
-    seed_onnx_cache(workdir / "template", data)
-    return ServiceProcess(workdir / "model.safetensors", data, **settings).start()
+    seed_onnx_cache(checkpoint[1], data)
+    return ServiceProcess(checkpoint[0], data, **settings).start()
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +46,9 @@ def crops() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def small_queue(workdir):
+def small_queue(workdir, served_checkpoint):
     """A queue bound of 8 images."""
-    service = start(workdir, "small-queue", max_queue_images=8, **SLOW)
+    service = start(served_checkpoint, workdir / "small-queue", max_queue_images=8, **SLOW)
     yield service
     service.stop()
 
@@ -135,10 +130,11 @@ def test_a_client_that_disconnects_has_its_queued_images_dropped(small_queue, cr
     assert service.metric("reid_queue_images") == 0
 
 
-def test_past_its_deadline_a_request_gets_504_and_the_model_skips_its_images(workdir, crops):
-    settings = Settings(checkpoint=workdir / "model.safetensors", data_dir=workdir / "deadline", backend="onnx",
+def test_past_its_deadline_a_request_gets_504_and_the_model_skips_its_images(workdir, served_checkpoint, crops):
+    checkpoint, template = served_checkpoint
+    settings = Settings(checkpoint=checkpoint, data_dir=workdir / "deadline", backend="onnx",
                         request_timeout_s=0.3, max_queue_images=1000, **SLOW)
-    seed_onnx_cache(workdir / "template", settings.data_dir)
+    seed_onnx_cache(template, settings.data_dir)
     with TestClient(create_app(settings)) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200, what="readiness")
 
@@ -158,8 +154,8 @@ def test_past_its_deadline_a_request_gets_504_and_the_model_skips_its_images(wor
         assert metric_value(c.get("/metrics").text, "reid_requests_timed_out_total") == 2
 
 
-def test_sigterm_turns_readiness_503_refuses_new_work_and_finishes_enrollments(workdir, crops):
-    service = start(workdir, "drain", log_level="info", log_format="json", max_queue_images=1000,
+def test_sigterm_turns_readiness_503_refuses_new_work_and_finishes_enrollments(workdir, served_checkpoint, crops):
+    service = start(served_checkpoint, workdir / "drain", log_level="info", log_format="json", max_queue_images=1000,
                     shutdown_delay_s=3, shutdown_grace_s=60, **SLOW)
     enrollments = {f"person-{i}": crops[i * 30:(i + 1) * 30] for i in range(3)}
     answers: dict[str, int] = {}
