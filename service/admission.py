@@ -16,20 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
-
 from service.batcher import DeadlineExceeded
 from service.errors import ClientError, retry_later
 
 if TYPE_CHECKING:
-    from service.embedder import Embedder
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,6 +69,8 @@ class Admission:
     def configure(self, policy: QueuePolicy, throughput: float) -> None:
         self.policy = policy
         self._follow(throughput)
+        log.info("queue bound: %d images (%s)", self.bound, "REID_MAX_QUEUE_IMAGES" if policy.fixed_bound else
+                 f"{policy.target_s:g} s at {throughput:.0f} images/s to start with; follows the throughput served")
 
     def _follow(self, throughput: float) -> None:
         assert self.policy is not None
@@ -131,55 +129,16 @@ class Admission:
 # -- the default bound ---------------------------------------------------------------------
 
 
-def measure_throughput(embed: Callable[[np.ndarray], np.ndarray], input_size: tuple[int, int], batch: int,
-                       workers: int) -> float:
-    """Images per second of ``workers`` passes side by side, from the best of a few timed passes
-    of one (after a warm-up pass, which also spares the first request a slow first pass)."""
-    h, w = input_size
-    pixels = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
-    embed(pixels)
-    best = math.inf
-    for _ in range(3):
-        started = time.perf_counter()
-        embed(pixels)
-        best = min(best, time.perf_counter() - started)
-    return workers * batch / best
-
-
-def warm_up(embed: Callable[[np.ndarray], np.ndarray], input_size: tuple[int, int], batch: int, workers: int) -> None:
-    """A pass of the largest batch on every worker at once: the backend's memory pools grow now
-    to what the heaviest load needs (HA-CNN, ONNX, batch 32 x 2 workers: +300 MB), not at the
-    first overload, so resident memory at start is resident memory under any load."""
-    h, w = input_size
-    pixels = np.zeros((batch, h, w, 3), np.uint8)
-    passes = [threading.Thread(target=embed, args=(pixels,)) for _ in range(workers)]
-    for thread in passes:
-        thread.start()
-    for thread in passes:
-        thread.join()
-
-
 def default_bound(throughput: float, target_s: float, floor: int) -> int:
     """Images the model gets through in ``target_s``; at least ``floor`` (a full batch per worker)."""
     return max(floor, math.ceil(throughput * target_s))
 
 
-MEASURE_BATCH = 8  # a batch concurrent single-crop clients fill; bigger ones are no faster on CPU
-
-
-def queue_policy(embedder: Embedder, settings: Settings) -> tuple[QueuePolicy, float]:
-    """The policy from the settings, and the bare model's images per second measured now: the
-    throughput the bound starts from (REID_MAX_QUEUE_IMAGES, when set, fixes the bound)."""
-    warm_up(embedder.embed, embedder.info.input_size, settings.max_batch_size, embedder.workers)
-    batch = min(settings.max_batch_size, MEASURE_BATCH)
-    throughput = measure_throughput(embedder.embed, embedder.info.input_size, batch, embedder.workers)
-    policy = QueuePolicy(target_s=settings.queue_target_s, floor=settings.max_batch_size * embedder.workers,
-                         busy_depth=embedder.workers, fixed_bound=settings.max_queue_images)
-    log.info("model: %.0f images/s measured; queue bound %s", throughput,
-             f"{policy.fixed_bound} images (REID_MAX_QUEUE_IMAGES)" if policy.fixed_bound
-             else f"{default_bound(throughput, policy.target_s, policy.floor)} images to start with "
-                  f"({policy.target_s:g} s of work; follows the throughput served)")
-    return policy, throughput
+def queue_policy(settings: Settings, batch_size: int, workers: int) -> QueuePolicy:
+    """REID_MAX_QUEUE_IMAGES fixes the bound; else it follows the throughput, never below a full
+    batch for every worker."""
+    return QueuePolicy(target_s=settings.queue_target_s, floor=batch_size * workers, busy_depth=workers,
+                       fixed_bound=settings.max_queue_images)
 
 
 # -- deadlines and disconnects -------------------------------------------------------------

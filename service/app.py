@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from service.admission import Admission, queue_policy
+from service.calibration import calibrate
 from service.drain import Lifecycle
 from service.errors import ClientError, error_response
 from service.metrics import Metrics
@@ -23,7 +24,7 @@ from service.middleware import AdmissionMiddleware, BodyLimitMiddleware, Request
 from service.openapi import install_openapi
 from service.routers import crops, embed, gallery, health, metrics, page, query
 from service.routers.page import STATIC_DIR
-from service.services import build_services
+from service.services import Services, build_services
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,22 @@ def _install_error_handlers(app: FastAPI, m: Metrics, routes: Sequence[BaseRoute
         return error_response(500, "internal", "internal server error")
 
 
+async def _open_services(settings: Settings, m: Metrics, admission: Admission) -> Services:
+    """Load the model and the gallery, measure the model here, size the batches and the queue
+    bound from it: the slow part of start-up, off the event loop."""
+    services = await asyncio.to_thread(build_services, settings, m)
+    calibration = await asyncio.to_thread(calibrate, services.embedder, settings.max_batch_size)
+    services.batcher.max_batch_size = calibration.batch_size
+    admission.configure(queue_policy(settings, calibration.batch_size, services.embedder.workers),
+                        calibration.throughput)
+    # What start-up built (torch, the model, the index: ~200k objects) lives as long as the
+    # process; frozen, the collector's full passes skip it instead of stalling the event loop
+    # ~100 ms each (the tail of every latency under load).
+    await asyncio.to_thread(gc.collect)
+    gc.freeze()
+    return services
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     m = Metrics()
@@ -105,14 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Load in a worker thread so /healthz answers at once; /readyz turns 200 when done.
         async def start() -> None:
             try:
-                services = await asyncio.to_thread(build_services, settings, m)
-                admission.configure(*await asyncio.to_thread(queue_policy, services.embedder, settings))
-                # What start-up built (torch, the model, the index: ~200k objects) lives as long as the
-                # process; frozen, the collector's full passes skip it instead of stalling the event
-                # loop ~100 ms each (the tail of every latency under load).
-                await asyncio.to_thread(gc.collect)
-                gc.freeze()
-                app.state.services = services
+                app.state.services = await _open_services(settings, m, admission)
                 log.info("ready")
             except Exception as e:
                 app.state.startup_error = str(e).splitlines()[0] if str(e) else type(e).__name__

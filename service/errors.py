@@ -46,7 +46,7 @@ WHEN = {
     400: "malformed request body (not parseable multipart/form-data)",
     401: "X-API-Key missing or wrong (only when the service has an API key)",
     404: "unknown resource",
-    413: "too large: body, image pixels or image count",
+    413: "the body, an image's pixels or the number of images is over its limit",
     415: "an upload is not an image that can be decoded",
     422: "invalid parameter or form field (code `validation`, or a specific code such as `bad_k`)",
     503: "not ready yet, overloaded (`overloaded`) or shutting down (`shutting_down`): retry after Retry-After",

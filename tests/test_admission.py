@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from service.admission import (
-    Admission, ClientGone, QueuePolicy, WaitBudget, default_bound, measure_throughput, run_bounded,
-)
+from service.admission import Admission, ClientGone, QueuePolicy, WaitBudget, default_bound, run_bounded
+from service.calibration import calibrate, candidate_batches
 from service.batcher import Batcher, DeadlineExceeded
 from service.errors import ClientError
 
@@ -84,8 +84,27 @@ def test_a_request_bigger_than_the_bound_runs_alone():
 def test_default_bound_is_the_target_wait_of_measured_work():
     assert default_bound(throughput=300.0, target_s=0.5, floor=64) == 150
     assert default_bound(throughput=20.0, target_s=0.5, floor=64) == 64  # a full batch per worker at least
-    slow = lambda images: time.sleep(0.01) or images  # noqa: E731
-    assert 100 < measure_throughput(slow, (4, 2), batch=2, workers=1) <= 200
+
+
+def model_taking(seconds_per_image) -> SimpleNamespace:
+    """An embedder whose pass over n images takes seconds_per_image(n) x n."""
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        time.sleep(seconds_per_image(len(pixels)) * len(pixels))
+        return np.zeros((len(pixels), 4), np.float32)
+
+    return SimpleNamespace(embed=run, workers=2, info=SimpleNamespace(input_size=(4, 2)))
+
+
+def test_calibration_picks_the_batch_the_model_runs_fastest_per_image():
+    # Like HA-CNN on a 2-core CPU: a pass of 32 is slower per image than a pass of 8.
+    cpu = calibrate(model_taking(lambda n: 0.001 if n <= 8 else 0.002), max_batch=32)
+    assert cpu.batch_size == 8 and set(cpu.rates) == {8, 16, 32}
+    assert 2 * 8 / 0.012 < cpu.throughput <= 2 * 8 / 0.008  # two workers side by side
+    # Like a GPU: the bigger the batch, the faster.
+    gpu = calibrate(model_taking(lambda n: 0.02 / n), max_batch=32)
+    assert gpu.batch_size == 32
+    assert candidate_batches(1) == [1] and candidate_batches(8) == [2, 4, 8]
 
 
 def test_the_bound_follows_the_throughput_served_while_the_model_is_saturated():
