@@ -7,6 +7,10 @@ everything already queued, up to ``max_batch_size``. It waits for more (at most
 together share a forward pass. While a batch runs, new images queue up, so under load
 batches fill by themselves. Several workers may run passes side by side (``workers``):
 on CPU, one single-threaded pass per core beats one pass split over all cores.
+
+An image whose request has given up (its future cancelled: the client left or the request
+timed out) or whose deadline has passed is dropped when a worker takes it from the queue:
+the model never spends a pass on an answer nobody waits for.
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+class DeadlineExceeded(Exception):
+    """The image's deadline passed while it was queued; the model did not run it."""
+
+
 @dataclass
 class _Item:
     image: np.ndarray  # H x W x 3 uint8 (the embedder normalises whole batches)
     future: Future
+    deadline: float | None = None  # time.monotonic()
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -45,15 +54,18 @@ class Batcher:
         max_wait_s: float,
         workers: int = 1,
         on_batch: Callable[[int, float, list[float]], None] | None = None,
+        on_drop: Callable[[int], None] | None = None,
     ):
-        """``on_batch(size, inference_seconds, queue_waits)`` is called after every forward pass;
-        with several workers, ``embed`` and ``on_batch`` are called from several threads at once."""
+        """``on_batch(size, inference_seconds, queue_waits)`` is called after every forward pass,
+        ``on_drop(images)`` when queued images are dropped; with several workers, ``embed`` and
+        the callbacks are called from several threads at once."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self._embed = embed
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._on_batch = on_batch
+        self._on_drop = on_drop
         self._queue: queue.Queue = queue.Queue()
         self._expected = 0  # images announced by requests and not yet submitted
         self._expected_lock = threading.Lock()
@@ -68,11 +80,13 @@ class Batcher:
     def workers(self) -> int:
         return len(self._threads)
 
-    def submit(self, image: np.ndarray) -> Future:
+    def submit(self, image: np.ndarray, deadline: float | None = None) -> Future:
+        """A future for the image's embedding; past ``deadline`` (time.monotonic()) it fails with
+        DeadlineExceeded instead, and cancelling it drops the image, as long as no pass took it."""
         if self._closed:  # no worker would ever answer
             raise RuntimeError("the batcher is closed")
         future: Future = Future()
-        self._queue.put(_Item(image, future))
+        self._queue.put(_Item(image, future, deadline))
         return future
 
     def _adjust_expected(self, n: int) -> None:
@@ -89,9 +103,12 @@ class Batcher:
         finally:
             self._adjust_expected(-announced["left"])
 
-    async def embed(self, images: list[np.ndarray], announced: dict | None = None) -> np.ndarray:
-        """Embed images (each H x W x 3) without blocking the event loop: N x D."""
-        futures = [asyncio.wrap_future(self.submit(image)) for image in images]
+    async def embed(
+        self, images: list[np.ndarray], announced: dict | None = None, deadline: float | None = None
+    ) -> np.ndarray:
+        """Embed images (each H x W x 3) without blocking the event loop: N x D. Cancelling the
+        call drops the images still queued."""
+        futures = [asyncio.wrap_future(self.submit(image, deadline)) for image in images]
         if announced is not None:  # queued first, then un-announced: the worker never misses them
             self._adjust_expected(-announced["left"])
             announced["left"] = 0
@@ -137,8 +154,25 @@ class Batcher:
             if item is _STOP:
                 stop = True
                 break
-            batch.append(item)
+            if self._take(item):
+                batch.append(item)
         return batch, stop
+
+    def _take(self, item: _Item) -> bool:
+        """Claim the item for a pass (it can no longer be cancelled), or drop it: its request
+        gave up, or its deadline has passed."""
+        if not item.future.set_running_or_notify_cancel():
+            self._dropped()
+            return False
+        if item.deadline is not None and time.monotonic() > item.deadline:
+            item.future.set_exception(DeadlineExceeded())
+            self._dropped()
+            return False
+        return True
+
+    def _dropped(self) -> None:
+        if self._on_drop is not None:
+            self._on_drop(1)
 
     def _work(self) -> None:
         stop = False
@@ -146,10 +180,9 @@ class Batcher:
             first = self._queue.get()
             if first is _STOP:
                 break
-            batch, stop = self._collect(first)
-            batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
-            if not batch:
+            if not self._take(first):
                 continue
+            batch, stop = self._collect(first)
             started = time.perf_counter()
             try:
                 vectors = self._embed(np.stack([item.image for item in batch]))

@@ -22,6 +22,9 @@ class EmbeddingCache:
 
     def put(self, vector: np.ndarray) -> str:
         key = uuid.uuid4().hex
+        # A copy: the vector is a row of its forward pass's output, which a view would keep alive
+        # (up to a whole batch per cached id: hundreds of MB for a full cache).
+        vector = np.array(vector, dtype=np.float32)
         with self._lock:
             self._items[key] = (self._clock() + self.ttl_s, vector)
             while len(self._items) > self.max_size:

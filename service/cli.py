@@ -13,7 +13,9 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from models import CheckpointError
+from models.progress import progress
 from service.embedder import StartupError
+from service.logging_setup import setup_logging
 from service.settings import Settings
 from service.store import StoreError
 
@@ -34,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], help="env REID_DEVICE (default auto)")
     common.add_argument("--backend", choices=["auto", "torch", "onnx"], help="env REID_BACKEND (default auto)")
     common.add_argument("--log-level", help="env REID_LOG_LEVEL (default info)")
+    common.add_argument("--log-format", choices=["text", "json"], help="env REID_LOG_FORMAT (default text)")
 
     parser = argparse.ArgumentParser(
         prog="python -m service", parents=[common], argument_default=argparse.SUPPRESS,
@@ -58,20 +61,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = ("checkpoint", "data_dir", "database_url", "device", "backend", "log_level", "host", "port")
+    names = ("checkpoint", "data_dir", "database_url", "device", "backend", "log_level", "log_format", "host", "port")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
         return Settings(**overrides)
     except ValidationError as e:
         first = e.errors()[0]
         raise CliError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-
-
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates its CPU-feature probing
 
 
 def serve(settings: Settings) -> None:
@@ -88,10 +84,16 @@ def serve(settings: Settings) -> None:
     load_checkpoint(settings.checkpoint)
     resolve_backend(settings.backend, resolve_device(settings.device, torch.cuda.is_available()))
     from service.app import create_app
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
+    from service.drain import DrainingServer
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        log_config=None, access_log=False,  # our handler formats uvicorn's records; service.access logs requests
+        # After the drain (drain.py) nothing should be in flight: this only bounds a stuck request.
+        timeout_graceful_shutdown=1,
     )
+    DrainingServer(config, app.state.lifecycle, settings.shutdown_delay_s, settings.shutdown_grace_s).run()
 
 
 # -- import -------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def import_folder(settings: Settings, folder: Path, if_empty: bool, max_identiti
             enrolled += len(entries)
 
         try:
-            for identity in tqdm(identities, desc="importing", unit="identity"):
+            for identity in progress(identities, desc="importing", unit="identity"):
                 cameras, crops, futures = [], [], []
                 for path, camera in groups[identity]:
                     try:
@@ -198,7 +200,7 @@ def import_vector_file(settings: Settings, path: Path, chunk_rows: int) -> None:
         raise CliError(str(e)) from None
     store = open_store(settings)
     try:
-        with tqdm(total=len(data.identities), desc="importing vectors", unit="vector") as bar:
+        with progress(total=len(data.identities), desc="importing vectors", unit="vector") as bar:
             bar.update(store.import_progress(f"vectors:{data.digest}:{info.fingerprint}"))
             before, written = import_vectors(store, data, info.fingerprint, chunk_rows, on_chunk=bar.update)
     finally:
@@ -231,7 +233,7 @@ def reembed(settings: Settings) -> int:
             print(f"all entries already use model {info.model_name}: nothing to re-embed")
             return 0
         done, impossible, after = 0, [], 0
-        with tqdm(total=stale, desc="re-embedding", unit="entry") as bar:
+        with progress(total=stale, desc="re-embedding", unit="entry") as bar:
             while rows := store.stale_entries(info.fingerprint, after_id=after, batch=settings.max_batch_size):
                 after = rows[-1][0]
                 ids, pixels = [], []
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-        _setup_logging(settings)
+        setup_logging(settings.log_level, settings.log_format)
         command = getattr(args, "command", None)
         if command == "import":
             import_folder(settings, args.folder, args.if_empty, args.max_identities)

@@ -7,10 +7,13 @@ under /embed load)."""
 from __future__ import annotations
 
 import hmac
+import time
 
-from fastapi import Header, Request
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader
 
-from service.errors import ClientError
+from service.admission import DEADLINE_KEY, WaitBudget
+from service.errors import ClientError, retry_later
 from service.metrics import Metrics
 from service.services import Services
 
@@ -19,15 +22,29 @@ async def get_services(request: Request) -> Services:
     services = request.app.state.services
     if services is None:
         reason = request.app.state.startup_error or request.app.state.startup.detail
-        raise ClientError(503, "not_ready", f"service not ready: {reason}")
+        raise retry_later("not_ready", f"service not ready: {reason}", 5)
     return services
+
+
+async def get_wait_budget(request: Request) -> WaitBudget:
+    """Room under the queue bound, the deadline the middleware stamped at arrival, the connection."""
+    state = request.app.state
+    deadline = request.scope.get(DEADLINE_KEY) or time.monotonic() + state.settings.request_timeout_s
+    m = state.metrics
+    return WaitBudget(state.admission, deadline, request.receive, m.requests_timed_out.inc, m.requests_cancelled.inc)
 
 
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def require_api_key(request: Request, x_api_key: str | None = Header(None, description="needed when REID_API_KEY is set")) -> None:
+# Declared in OpenAPI as the APIKeyHeader security scheme; auto_error=False: the check below
+# answers with the service's own error body (and none is needed without REID_API_KEY).
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", scheme_name="APIKeyHeader", auto_error=False,
+                              description="the service's REID_API_KEY; needed on mutations when it is set")
+
+
+async def require_api_key(request: Request, x_api_key: str | None = Security(API_KEY_HEADER)) -> None:
     expected = request.app.state.settings.api_key
     if not expected:
         return

@@ -50,8 +50,31 @@ class Metrics:
         )
         self.errors = Counter("reid_errors", "Requests refused or failed, by kind", ["kind"], registry=r)
         self.model_info = Info("reid_model", "The model being served", registry=r)
+        # Admission control, deadlines and shutdown (service/admission.py, service/drain.py).
+        self.requests_shed = Counter(
+            "reid_requests_shed", "Requests refused with 503 before any work: reason overloaded or shutting_down",
+            ["reason"], registry=r,
+        )
+        self.requests_timed_out = Counter(
+            "reid_requests_timed_out", "Requests answered 504: their deadline passed before their images were embedded",
+            registry=r,
+        )
+        self.requests_cancelled = Counter(
+            "reid_requests_cancelled", "Requests whose client disconnected while their images waited", registry=r,
+        )
+        self.images_dropped = Counter(
+            "reid_images_dropped", "Queued images removed before the model ran them (request timed out or gone)",
+            registry=r,
+        )
+        self.queue_images = Gauge(
+            "reid_queue_images", "Images admitted and not yet embedded (decoding, queued or in a forward pass)",
+            registry=r,
+        )
+        self.queue_limit = Gauge("reid_queue_limit", "Most images admitted at once, beyond which uploads get 503 (follows the throughput served)", registry=r)
         for stage in STAGES:  # export every series from the start, at zero
             self.stage_duration.labels(stage)
+        for reason in ("overloaded", "shutting_down"):
+            self.requests_shed.labels(reason)
 
     def observe_gallery(self, stats) -> None:
         """Gallery.on_change: the gauges follow every applied change, whoever made it."""

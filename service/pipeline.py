@@ -1,5 +1,5 @@
-"""Uploads -> embeddings: read (bounded), decode and resize (small crops on the event loop, big
-images on a worker thread), batch-embed."""
+"""Uploads -> embeddings: read (bounded), admit under the queue bound, decode and resize (small
+crops on the event loop, big images on a worker thread), batch-embed within the deadline."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from service.admission import WaitBudget
 from service.errors import ClientError
 from service.imaging import header_pixels, prepare_image
 from service.services import Services
@@ -58,11 +59,19 @@ def _prepare(services: Services, uploads: list[Upload], keep_crops: bool) -> tup
 
 
 async def embed_uploads(
-    services: Services, files: list[UploadFile], keep_crops: bool = False
+    services: Services, files: list[UploadFile], budget: WaitBudget, keep_crops: bool = False
 ) -> tuple[np.ndarray, list[bytes | None]]:
-    """Every image decoded before any is embedded: one bad image fails the whole request."""
+    """Every image decoded before any is embedded: one bad image fails the whole request. 503 when
+    the images do not fit under the queue bound, 504 past the deadline: nothing embedded then."""
     settings = services.settings
     uploads = await read_uploads(files, settings.max_upload_bytes, settings.max_images_per_request)
+    return await budget.run(len(uploads), lambda deadline: _decode_and_embed(services, uploads, keep_crops, deadline))
+
+
+async def _decode_and_embed(
+    services: Services, uploads: list[Upload], keep_crops: bool, deadline: float
+) -> tuple[np.ndarray, list[bytes | None]]:
+    settings = services.settings
     with services.batcher.expecting(len(uploads)) as announced:
         if sum(header_pixels(u.data) for u in uploads) <= settings.inline_decode_pixels:
             # A person crop decodes in ~0.1 ms: less than the two thread switches a worker thread
@@ -70,5 +79,5 @@ async def embed_uploads(
             arrays, crops = _prepare(services, uploads, keep_crops)
         else:
             arrays, crops = await run_in_threadpool(_prepare, services, uploads, keep_crops)
-        vectors = await services.batcher.embed(arrays, announced)
+        vectors = await services.batcher.embed(arrays, announced, deadline)
     return vectors, crops

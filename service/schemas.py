@@ -11,6 +11,8 @@ from pydantic import BaseModel, Field
 from service.errors import bad_request
 
 IDENTITY_MAX_CHARS = 128
+# The largest integer the store holds (SQLite INTEGER): bigger ids, offsets or cameras are a 422.
+STORE_INT_MAX = 2**63 - 1
 
 
 def validate_identity(raw: str) -> str:
@@ -36,7 +38,13 @@ def unvalidated_json(body: BaseModel, status_code: int = 200) -> Response:
 
 
 class Error(BaseModel):
-    detail: str
+    """Every error answer (4xx, 5xx) has this body."""
+
+    detail: str = Field(description="what went wrong, as a sentence for a person")
+    code: str = Field(
+        description="what went wrong, for a program: e.g. validation, not_image, too_large, bad_identity, "
+        "unknown_identity, unauthorized, not_ready, overloaded, shutting_down, timeout (docs/service.md lists them all)"
+    )
 
 
 class EmbeddingItem(BaseModel):
@@ -128,7 +136,7 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "starting", "failed"]
+    status: Literal["ready", "starting", "failed", "stopping"]
     detail: str | None = None
     model: str | None = None
     arch: str | None = None

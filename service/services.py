@@ -155,6 +155,7 @@ def build_services(settings: Settings, metrics: Metrics, status: StartupStatus |
     batcher = Batcher(
         embedder.embed, max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000.0, workers=embedder.workers, on_batch=metrics.observe_batch,
+        on_drop=metrics.images_dropped.inc,
     )
     cache = EmbeddingCache(settings.embedding_cache_size, settings.embedding_cache_ttl_s)
     return Services(settings, embedder, batcher, gallery, follower, cache, metrics)

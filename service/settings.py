@@ -77,4 +77,20 @@ class Settings(BaseSettings):
     )
     threads: int = Field(0, ge=0, description="CPU threads per forward pass (0: cores / model_workers)")
     search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads per search")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="deadline from arrival until a request's images are embedded (504 beyond)"
+    )
+    max_queue_images: int = Field(
+        0, ge=0, description="most images waiting for the model at once, 503 beyond (0: throughput x queue_target_s)"
+    )
+    queue_target_s: float = Field(
+        0.5, gt=0, description="the wait the default queue bound aims at: the model's measured throughput x this"
+    )
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, description="after SIGTERM, readiness is 503 but work is still served this long (load balancers)"
+    )
+    shutdown_grace_s: float = Field(
+        8.0, ge=0, description="then, how long requests in flight may take to finish before the service stops"
+    )
     log_level: str = Field("info", description="debug, info, warning, error")
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line")

@@ -46,3 +46,16 @@ def postgres():
 
     with PostgresCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def served_checkpoint(tmp_path_factory):
+    """(checkpoint, folder with its ONNX export): a service started on a data dir seeded from
+    the folder (tests.service_support.seed_onnx_cache) skips exporting the model again."""
+    from service.embedder import load_embedder
+    from tests.service_support import make_checkpoint
+
+    tmp = tmp_path_factory.mktemp("served-checkpoint")
+    checkpoint = make_checkpoint(tmp / "model.safetensors")
+    load_embedder(checkpoint, device="cpu", backend="onnx", data_dir=tmp / "template")
+    return checkpoint, tmp / "template"

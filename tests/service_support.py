@@ -74,6 +74,14 @@ def files(*images: bytes, name: str = "crop.jpg") -> list[tuple[str, tuple[str, 
     return [("image", (f"{i}-{name}", data, "image/jpeg")) for i, data in enumerate(images)]
 
 
+def metric_value(metrics_text: str, sample: str) -> float:
+    """One sample of /metrics, e.g. 'reid_images_dropped_total' or 'reid_requests_shed_total{reason="overloaded"}'."""
+    for line in metrics_text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(sample)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,8 +97,8 @@ def seed_onnx_cache(template: Path, data_dir: Path) -> None:
 class ServiceProcess:
     """`python -m service` in a subprocess; logs go to a file beside the data dir."""
 
-    def __init__(self, checkpoint: Path, data_dir: Path, **env_settings):
-        self.checkpoint, self.data_dir = checkpoint, data_dir
+    def __init__(self, checkpoint: Path, data_dir: Path, log_level: str = "warning", **env_settings):
+        self.checkpoint, self.data_dir, self.log_level = checkpoint, data_dir, log_level
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
@@ -107,7 +115,7 @@ class ServiceProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--checkpoint", str(self.checkpoint), "--data-dir", str(self.data_dir),
-             "--port", str(self.port), "--log-level", self.env.get("REID_LOG_LEVEL", "warning")],
+             "--port", str(self.port), "--log-level", self.log_level],
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         return self
@@ -131,6 +139,9 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
+
+    def metric(self, sample: str) -> float:
+        return metric_value(httpx.get(f"{self.url}/metrics", timeout=10).text, sample)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash or power cut of the process."""

@@ -293,12 +293,14 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dashboard_covers_rate_latency_stages_batches_gallery_errors():
+def test_dashboard_covers_rate_latency_stages_batches_gallery_errors_admission():
     used = set().union(*(metric_names_in(q) for q in dashboard_queries()))
     assert {
         "reid_request_duration_seconds_count", "reid_request_duration_seconds_bucket",
         "reid_stage_duration_seconds_bucket", "reid_batch_size_bucket",
         "reid_gallery_entries", "reid_gallery_identities", "reid_errors_total",
+        "reid_queue_images", "reid_queue_limit", "reid_requests_shed_total", "reid_requests_timed_out_total",
+        "reid_requests_cancelled_total", "reid_images_dropped_total",
     } <= used
     assert any("histogram_quantile" in q and "by (le, stage)" in q for q in dashboard_queries())
 

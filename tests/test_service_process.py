@@ -263,6 +263,7 @@ def test_import_enrols_a_market1501_folder(workdir):
 
     result = run_cli("import", str(folder), "--max-identities", "2", env=env)
     assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "importing" in result.stderr  # not a terminal: lines, no redraws
     store = SQLiteStore(data / "gallery.sqlite3")
     assert dict(store.list_identities(0, 100)) == {"0001": 2, "0002": 2}
     assert sorted(e.camera for e in store.identity_entries("0002")) == [1, 2]

@@ -175,6 +175,13 @@ def test_cache_evicts_least_recently_used_and_expires():
     assert cache.get(a) is None and cache.get(c) is None
 
 
+def test_cache_does_not_keep_the_whole_batch_of_a_cached_row_alive():
+    batch = np.ones((32, 1024), np.float32)  # a forward pass's output; requests get rows of it
+    cache = EmbeddingCache(max_size=10, ttl_s=10)
+    kept = cache.get(cache.put(batch[3]))
+    assert kept.base is None and kept.nbytes == 4096
+
+
 # -- batcher ------------------------------------------------------------------------------
 
 

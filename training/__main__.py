@@ -224,12 +224,12 @@ def _check_recipe(r) -> None:
 
 
 def cmd_eval(args) -> int:
-    from tqdm import tqdm
+    from models.progress import progress
 
     from training.embeddings import evaluate_model
 
     model, info, data, device = _load_for_scoring(args)
-    with tqdm(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
+    with progress(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
         metrics, distmat = evaluate_model(
             model, data, info.mean, info.std, device, batch_size=args.batch_size, workers=args.workers, progress=bar
         )
@@ -340,7 +340,7 @@ def _load_for_scoring(args):
 
 
 def cmd_calibrate(args) -> int:
-    from tqdm import tqdm
+    from models.progress import progress
 
     from models.checkpoint import read_checkpoint_info
     from training.calibration import calibrate_checkpoint, summary
@@ -353,7 +353,7 @@ def cmd_calibrate(args) -> int:
         raise CliError("--batch-size must be at least 1")
     before = read_checkpoint_info(args.checkpoint)  # a bad checkpoint fails before any embedding
     data = load_reid_data(args.data, with_train=False)
-    with tqdm(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
+    with progress(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
         calibration = calibrate_checkpoint(
             args.checkpoint, data, far=args.far, out=args.out, device=resolve_device(args.device),
             batch_size=args.batch_size, workers=args.workers, progress=bar,
@@ -371,7 +371,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_openset(args) -> int:
     import numpy as np
-    from tqdm import tqdm
+    from models.progress import progress
 
     from training.embeddings import query_gallery_similarity, query_gallery_labels
     from training.openset import average_reports, choose_enrolled, open_set_report, watchlist_scores
@@ -385,7 +385,7 @@ def cmd_openset(args) -> int:
     if threshold is None:
         print("the checkpoint is not calibrated and no --threshold given: DIR@FAR only", file=sys.stderr)
         source = None
-    with tqdm(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
+    with progress(total=len(data.query) + len(data.gallery), desc="embed", unit="img") as bar:
         similarity = query_gallery_similarity(model, data, info.mean, info.std, device, args.batch_size, args.workers, bar)
     q_pids, g_pids, q_cams, g_cams = query_gallery_labels(data)
     rng = np.random.default_rng(args.seed)

@@ -14,8 +14,8 @@ import sys
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from models.progress import progress as progress_bar
 from training.data import DataLayoutError, load_reid_data, load_rgb
 from training.evaluate import cmc_map
 
@@ -62,7 +62,7 @@ def evaluate_baselines(data_dir: str, progress: bool = False) -> dict[str, dict]
     """Every matcher's rank-1/5/10, mAP and mINP on the folder's query/gallery (cosine distance)."""
     data = load_reid_data(data_dir, with_train=False)
     samples = data.query + data.gallery
-    images = [load_rgb(s.path) for s in tqdm(samples, desc="reading", unit="img", disable=not progress)]
+    images = [load_rgb(s.path) for s in progress_bar(samples, desc="reading", unit="img", enabled=progress)]
     q_pids, q_camids = np.array([s.pid for s in data.query]), np.array([s.camid for s in data.query])
     g_pids, g_camids = np.array([s.pid for s in data.gallery]), np.array([s.camid for s in data.gallery])
     results = {}

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 from models.mgat import MGAT
 from training.calibration import calibrate_checkpoint, summary as calibration_summary
+from models.progress import progress
 from training.data import ReIDData, TrainImages
 from training.embeddings import evaluate_model
 from training.losses import batch_hard_triplet, cross_entropy_smooth, mgat_losses
@@ -275,7 +276,7 @@ def train(recipe: Recipe, data: ReIDData, opts: RunOptions, resume: str | None =
         preload=False,
     )
     if dataset_bytes <= PRELOAD_LIMIT_BYTES:
-        for i in tqdm(range(len(images)), desc="decode", unit="img", disable=not (opts.progress and is_main), leave=False):
+        for i in progress(range(len(images)), desc="decode", unit="img", enabled=opts.progress and is_main, leave=False):
             images.pixels(i)
     sampler = PKBatchSampler(images.labels, recipe.batch_p, recipe.batch_k, seed=recipe.seed, rank=rank, world_size=world)
     loader = torch.utils.data.DataLoader(
@@ -329,7 +330,7 @@ def train(recipe: Recipe, data: ReIDData, opts: RunOptions, resume: str | None =
         t0 = time.time()
         sums: dict[str, float] = {}
         seen, steps = 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch", disable=not (opts.progress and is_main), leave=False)
+        bar = progress(loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch", enabled=opts.progress and is_main, leave=False)
         for batch, labels in bar:
             batch = batch.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
+
+from models.progress import progress as progress_bar
 
 CROP_HEIGHT, CROP_WIDTH = 128, 64
 SPLITS = ("bounding_box_train", "bounding_box_test", "query")
@@ -146,7 +147,7 @@ def generate_dataset(
     people = _make_identities(identities, seed, palette_group)
     shots = _plan_shots(people, cams, seed, images_per_camera, distractor_fraction, junk_fraction)
 
-    for shot in tqdm(shots, desc="rendering", unit="img", disable=not progress):
+    for shot in progress_bar(shots, desc="rendering", unit="img", enabled=progress):
         rng = np.random.default_rng([seed, 4, shot.pid + 1, shot.camera, shot.frame, shot.box])
         camera = cams[shot.camera - 1]
         if shot.kind == "person":

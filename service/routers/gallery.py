@@ -6,11 +6,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import get_services, require_api_key
-from service.errors import not_found
+from service.admission import WaitBudget
+from service.deps import get_services, get_wait_budget, require_api_key
+from service.errors import documented, not_found
 from service.pipeline import embed_uploads
 from service.schemas import (
-    DuplicateItem, EnrollResponse, Entry, Error, GalleryPage, IdentityDetail, IdentitySummary, validate_identity,
+    STORE_INT_MAX, DuplicateItem, EnrollResponse, Entry, GalleryPage, IdentityDetail, IdentitySummary,
+    validate_identity,
 )
 from service.services import Services
 from service.store import EntryRow
@@ -27,19 +29,21 @@ def _entry(row: EntryRow) -> Entry:
 
 @router.post(
     "", status_code=201, response_model=EnrollResponse, dependencies=[Depends(require_api_key)],
-    responses={401: {"model": Error}, 413: {"model": Error}, 415: {"model": Error}, 422: {"model": Error}},
+    responses=documented(400, 401, 413, 415, 422, 503, 504),
 )
 async def enroll(
     identity: Annotated[str, Form(description="1-128 printable characters, no '/'")],
     image: Annotated[list[UploadFile], File(description="one or more crops of this person")],
     services: Annotated[Services, Depends(get_services)],
-    camera: Annotated[int | None, Form(ge=0, description="camera number")] = None,
+    budget: Annotated[WaitBudget, Depends(get_wait_budget)],
+    camera: Annotated[int | None, Form(ge=0, le=STORE_INT_MAX, description="camera number")] = None,
 ) -> EnrollResponse:
     """Enrol crops under an identity (created if new). All images are embedded before anything is
-    written, and all entries are committed in one transaction: 201 means durably stored. With a
+    written, and all entries are committed in one transaction: 201 means durably stored; any
+    error (503 overloaded, 504 past the deadline included) means nothing was written. With a
     threshold in force, `likely_duplicates` names other identities the crops already match."""
     identity = validate_identity(identity)
-    vectors, crops = await embed_uploads(services, image, keep_crops=services.settings.store_crops)
+    vectors, crops = await embed_uploads(services, image, budget, keep_crops=services.settings.store_crops)
     threshold = services.default_threshold
     duplicates = None
     if threshold is not None:  # checked before enrolling, so the new crops cannot find themselves
@@ -52,10 +56,10 @@ async def enroll(
     )
 
 
-@router.get("", response_model=GalleryPage)
+@router.get("", response_model=GalleryPage, responses=documented(422, 503))
 def list_identities(
     services: Annotated[Services, Depends(get_services)],
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=STORE_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> GalleryPage:
     page = services.gallery.page(offset, limit)
@@ -66,7 +70,7 @@ def list_identities(
     )
 
 
-@router.get("/{identity}", response_model=IdentityDetail, responses={404: {"model": Error}})
+@router.get("/{identity}", response_model=IdentityDetail, responses=documented(404, 503))
 def get_identity(identity: str, services: Annotated[Services, Depends(get_services)]) -> IdentityDetail:
     rows = services.gallery.identity_entries(identity)
     if rows is None:
@@ -76,7 +80,7 @@ def get_identity(identity: str, services: Annotated[Services, Depends(get_servic
 
 @router.delete(
     "/{identity}", status_code=204, dependencies=[Depends(require_api_key)],
-    responses={401: {"model": Error}, 404: {"model": Error}},
+    responses=documented(401, 404, 503),
 )
 def delete_identity(identity: str, services: Annotated[Services, Depends(get_services)]) -> Response:
     if not services.gallery.delete(identity):

@@ -22,7 +22,10 @@ def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(request: Request):
-    """Readiness: 200 once the model is loaded and the gallery indexed, else 503."""
+    """Readiness: 200 once the model is loaded and the gallery indexed; 503 while starting, after a
+    failed start, and from the moment a shutdown begins (a load balancer stops sending)."""
+    if request.app.state.lifecycle.stopping:
+        return JSONResponse(Readiness(status="stopping", detail="shutting down").model_dump(), status_code=503)
     services = request.app.state.services
     if services is None:
         error = request.app.state.startup_error

@@ -8,11 +8,12 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from service.admission import WaitBudget
 from service.decision import decide, passes, threshold_for_query
-from service.deps import get_services
-from service.errors import bad_request, not_found
+from service.deps import get_services, get_wait_budget
+from service.errors import bad_request, documented, not_found
 from service.pipeline import embed_uploads
-from service.schemas import Error, MatchItem, QueryResponse
+from service.schemas import MatchItem, QueryResponse
 from service.services import Services
 from service.tracklet import DegenerateTracklet, aggregate
 
@@ -85,10 +86,7 @@ async def _search(services: Services, vectors: np.ndarray, params: QueryParams) 
     )
 
 
-QUERY_ERRORS = {404: {"model": Error}, 422: {"model": Error}}
-
-
-@router.get("", response_model=QueryResponse, responses=QUERY_ERRORS)
+@router.get("", response_model=QueryResponse, responses=documented(404, 422, 503))
 async def query_by_id(
     embedding_id: Annotated[
         list[str], Query(description="an id from POST /embed; repeat it for a tracklet (one person's crops)")
@@ -106,16 +104,15 @@ async def query_by_id(
     return await _search(services, np.stack(vectors), params)
 
 
-@router.post(
-    "", response_model=QueryResponse, responses={**QUERY_ERRORS, 413: {"model": Error}, 415: {"model": Error}}
-)
+@router.post("", response_model=QueryResponse, responses=documented(400, 413, 415, 422, 503, 504))
 async def query_by_image(
     image: Annotated[list[UploadFile], File(description="the crop to look up; several = one person's tracklet")],
     params: Annotated[QueryParams, Depends(query_params)],
     services: Annotated[Services, Depends(get_services)],
+    budget: Annotated[WaitBudget, Depends(get_wait_budget)],
 ) -> QueryResponse:
     """Embed the crop(s) and rank the gallery against them (several: their mean) in one round trip."""
     _check_k(services, params)  # before spending a forward pass
     _check_tracklet(services, len(image), "images")
-    vectors, _ = await embed_uploads(services, image)
+    vectors, _ = await embed_uploads(services, image, budget)
     return await _search(services, vectors, params)
