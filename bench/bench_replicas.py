@@ -38,26 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_service import multipart, process_cpu_seconds  # noqa: E402
+from bench_service import fill_store, multipart, process_cpu_seconds  # noqa: E402
 from models.checkpoint import read_checkpoint_info  # noqa: E402
 from service.embedder import load_embedder  # noqa: E402
 from service.postgres_store import PostgresStore  # noqa: E402
 from service.store import NewEntry  # noqa: E402
 from tests.pg_support import PostgresCluster  # noqa: E402
 from tests.service_support import ServiceProcess, jpeg, make_checkpoint, person_crop, seed_onnx_cache  # noqa: E402
-
-
-def fill(url: str, fingerprint: str, dim: int, size: int, per_identity: int = 10) -> None:
-    store = PostgresStore(url)
-    rng = np.random.default_rng(size)
-    for chunk in range(0, size, 10_000):
-        groups = []
-        for first in range(chunk, min(size, chunk + 10_000), per_identity):
-            vectors = rng.normal(size=(per_identity, dim)).astype(np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            groups.append((f"id{first // per_identity}", [NewEntry(v, first % 6) for v in vectors]))
-        store.add_groups(groups, fingerprint)
-    store.close()
 
 
 def request(conn: http.client.HTTPConnection, method: str, path: str, body=None, content_type=None) -> tuple[int, bytes]:
@@ -206,7 +193,7 @@ def main() -> None:
         writes = {n: store_writes(cluster.create_database(), info.embedding_dim, n, args.seconds)
                   for n in (1, 4) if "writes" in parts}
         url = cluster.create_database()
-        fill(url, info.fingerprint, info.embedding_dim, args.gallery)
+        fill_store(PostgresStore(url), info.fingerprint, info.embedding_dim, args.gallery)
         one, two, lags = {}, {}, []
         a = replica("a", url).start()
         try:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.embedder import load_embedder  # noqa: E402
 from service.sqlite_store import SQLiteStore  # noqa: E402
-from service.store import NewEntry  # noqa: E402
+from service.store import GalleryStore, NewEntry  # noqa: E402
 from tests.service_support import ServiceProcess, jpeg, make_checkpoint, person_crop  # noqa: E402
 
 
@@ -140,8 +140,8 @@ def embed_throughput(port: int, clients: int, seconds: float, server_pid: int | 
             "server_ms": server_cpu / n * 1000, "client_ms": client_cpu / n * 1000}
 
 
-def fill_store(data_dir: Path, fingerprint: str, dim: int, size: int, per_identity: int = 10) -> None:
-    store = SQLiteStore(data_dir / "gallery.sqlite3")
+def fill_store(store: GalleryStore, fingerprint: str, dim: int, size: int, per_identity: int = 10) -> None:
+    """``size`` random unit vectors, ``per_identity`` per identity, cameras 0-5; closes the store."""
     rng = np.random.default_rng(size)
     for chunk in range(0, size, 10_000):
         groups = []
@@ -269,7 +269,8 @@ def main() -> None:
                 import shutil
 
                 shutil.copytree(tmp / "throughput" / "onnx", data / "onnx")
-            fill_store(data, info.fingerprint, info.embedding_dim, size, per_identity=max(10, size // 1000))
+            fill_store(SQLiteStore(data / "gallery.sqlite3"), info.fingerprint, info.embedding_dim, size,
+                       per_identity=max(10, size // 1000))
             with ServiceProcess(checkpoint, data, **settings) as service:
                 r = query_latency(service.port, args.queries)
             print(f"| {size:,} | {r['get_p50']:.1f} ms | {r['get_p95']:.1f} ms | {r['get_filtered_p50']:.1f} ms |"

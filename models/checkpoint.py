@@ -152,11 +152,8 @@ def _write(state: dict[str, torch.Tensor], info: CheckpointInfo, path: str | os.
     os.replace(tmp, path)
 
 
-def write_calibration(path: str | os.PathLike, calibration: dict, out: str | os.PathLike | None = None) -> CheckpointInfo:
-    """Store ``calibration`` in the checkpoint's metadata (replacing any earlier one), into ``out``
-    or in place. The weights are copied bit for bit, so the fingerprint stays; they are verified
-    against it first, so a damaged file is never blessed with a threshold."""
-    _check_calibration(Path(path), calibration)
+def _read(path: str | os.PathLike) -> tuple[Path, CheckpointInfo, dict[str, torch.Tensor]]:
+    """(path, metadata, every tensor); CheckpointError for a file that cannot be read whole."""
     path, handle = _open(path)
     with handle as f:
         info = _parse_metadata(path, f.metadata())
@@ -164,6 +161,15 @@ def write_calibration(path: str | os.PathLike, calibration: dict, out: str | os.
             state = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             raise CheckpointError(f"{path}: tensor data unreadable (truncated or corrupt?): {e}") from None
+    return path, info, state
+
+
+def write_calibration(path: str | os.PathLike, calibration: dict, out: str | os.PathLike | None = None) -> CheckpointInfo:
+    """Store ``calibration`` in the checkpoint's metadata (replacing any earlier one), into ``out``
+    or in place. The weights are copied bit for bit, so the fingerprint stays; they are verified
+    against it first, so a damaged file is never blessed with a threshold."""
+    _check_calibration(Path(path), calibration)
+    path, info, state = _read(path)
     if fingerprint(state) != info.fingerprint:
         raise CheckpointError(f"{path}: weights do not match the recorded fingerprint (file altered or corrupt)")
     info = dataclasses.replace(info, calibration=dict(calibration))
@@ -239,13 +245,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
     """Build the network the checkpoint describes, load and verify its weights, return it in eval mode."""
-    path, handle = _open(path)
-    with handle as f:
-        info = _parse_metadata(path, f.metadata())
-        try:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise CheckpointError(f"{path}: tensor data unreadable (truncated or corrupt?): {e}") from None
+    path, info, state = _read(path)
     try:
         model = build_model(info.arch, num_classes=0, **info.config)
     except ValueError as e:
