@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,3 +177,58 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
         [sys.executable, "-m", "service", *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+class EnrollmentsUntilKilled:
+    """Three clients enrolling identities of 1-3 crops into ``service`` until it is killed.
+
+    ``run()`` starts them, kills the process (SIGKILL, requests in flight) once six
+    enrollments were acknowledged, and joins them. What a crash test then checks against the
+    store: every acknowledged identity whole, and nothing written that was not attempted."""
+
+    def __init__(self, service: "ServiceProcess", camera: str | None = None):
+        self.service, self.camera = service, camera
+        self.attempted: dict[str, int] = {}
+        self.acked: dict[str, int] = {}
+        self.refused: list[str] = []
+        self._enough, self._stop = threading.Event(), threading.Event()
+
+    def _enrol(self, worker: int) -> None:
+        data = {"camera": self.camera} if self.camera else {}
+        with self.service.client(timeout=30) as c:
+            for n in range(1000):
+                if self._stop.is_set():
+                    return
+                identity, count = f"w{worker}-{n}", 1 + n % 3
+                self.attempted[identity] = count
+                try:
+                    r = c.post("/gallery", data={"identity": identity, **data},
+                               files=files(*[jpeg(person_crop(n % 8, v)) for v in range(count)]))
+                except httpx.TransportError:
+                    return  # the process died under this request
+                if r.status_code != 201:
+                    self.refused.append(r.text)
+                    return
+                self.acked[identity] = count
+                if len(self.acked) >= 6:
+                    self._enough.set()
+
+    def run(self) -> None:
+        workers = [threading.Thread(target=self._enrol, args=(w,)) for w in range(3)]
+        for w in workers:
+            w.start()
+        try:
+            assert self._enough.wait(120), self.service.log()
+        finally:
+            self.service.kill()  # with requests in flight
+            self._stop.set()
+            for w in workers:
+                w.join()
+        assert not self.refused, self.refused
+
+    def check(self, stored: dict[str, int]) -> None:
+        """Nothing acknowledged lost or changed; nothing partially written."""
+        for identity, count in self.acked.items():
+            assert stored.get(identity) == count, f"acknowledged {identity} lost or changed"
+        for identity, count in stored.items():
+            assert count == self.attempted[identity], f"{identity} partially written"

@@ -22,7 +22,7 @@ import pytest
 from service.embedder import load_embedder
 from service.postgres_store import PostgresStore
 from tests.pg_support import PostgresCluster
-from tests.service_support import ServiceProcess, files, jpeg, make_checkpoint, person_crop, run_cli, seed_onnx_cache
+from tests.service_support import EnrollmentsUntilKilled, ServiceProcess, files, jpeg, make_checkpoint, person_crop, run_cli, seed_onnx_cache
 
 VISIBLE_WITHIN_S = 1.0  # the promise for a write made on another replica
 
@@ -129,56 +129,22 @@ def test_kill_9_of_a_replica_mid_enrollment_leaves_whole_identities_on_the_other
     url = postgres.create_database()
     victim = replica(workdir, "victim", url).launch()
     survivor = replica(workdir, "survivor", url).launch()
-    attempted: dict[str, int] = {}
-    acked: dict[str, int] = {}
-    refused: list[str] = []
-    enough, stop = threading.Event(), threading.Event()
-
-    def enrol(worker: int) -> None:
-        with victim.client(timeout=30) as c:
-            for n in range(1000):
-                if stop.is_set():
-                    return
-                identity, count = f"w{worker}-{n}", 1 + n % 3
-                attempted[identity] = count
-                try:
-                    r = enroll(c, identity, n % 8, views=count)
-                except httpx.TransportError:
-                    return  # the replica died under this request
-                if r.status_code != 201:
-                    refused.append(r.text)
-                    return
-                acked[identity] = count
-                if len(acked) >= 6:
-                    enough.set()
-
-    workers = [threading.Thread(target=enrol, args=(w,)) for w in range(3)]
+    crash = EnrollmentsUntilKilled(victim)
     try:
         victim.wait_ready(), survivor.wait_ready()
-        for w in workers:
-            w.start()
-        assert enough.wait(120), victim.log()
-        victim.kill()  # with requests in flight
-        stop.set()
-        for w in workers:
-            w.join()
-        assert not refused
+        crash.run()
 
         store = PostgresStore(url)
         stored = dict(store.list_identities(0, 100_000))
         head = store.head()
         store.close()
-        for identity, count in acked.items():
-            assert stored.get(identity) == count, f"acknowledged {identity} lost or changed"
-        for identity, count in stored.items():
-            assert count == attempted[identity], f"{identity} partially written"
+        crash.check(stored)
         with survivor.client() as c:
             seconds_until(lambda: c.get("/readyz").json()["log_position"] == head, 5)
             assert c.get("/readyz").json()["gallery_size"] == sum(stored.values())
             page = c.get("/gallery", params={"limit": 1000}).json()
             assert {i["identity"]: i["entries"] for i in page["identities"]} == stored
     finally:
-        stop.set()
         victim.stop()
         survivor.stop()
 

@@ -26,7 +26,7 @@ from service.sqlite_store import SQLiteStore
 from service.store import NewEntry
 from models.preprocess import resize_pixels
 from tests.service_support import (
-    ROOT, ServiceProcess, files, jpeg, make_checkpoint, person_crop, run_cli, seed_onnx_cache,
+    ROOT, EnrollmentsUntilKilled, ServiceProcess, files, jpeg, make_checkpoint, person_crop, run_cli, seed_onnx_cache,
 )
 
 PEOPLE = 6
@@ -169,49 +169,13 @@ def test_delete_then_restart_keeps_the_gallery(server, workdir):
 def test_kill_9_loses_nothing_acknowledged(workdir):
     data = new_data_dir(workdir, "crash")
     service = ServiceProcess(workdir / "a.safetensors", data).start()
-    attempted: dict[str, int] = {}
-    acked: dict[str, int] = {}
-    six_acked, stop = threading.Event(), threading.Event()
-    refused: list[str] = []
-
-    def enrol(worker: int) -> None:
-        with service.client(timeout=30) as c:
-            for n in range(1000):
-                if stop.is_set():
-                    return
-                identity, count = f"w{worker}-{n}", 1 + n % 3
-                attempted[identity] = count
-                try:
-                    r = c.post("/gallery", data={"identity": identity, "camera": "1"},
-                               files=files(*[jpeg(person_crop(n % 8, v)) for v in range(count)]))
-                except httpx.TransportError:
-                    return  # the server died under this request
-                if r.status_code != 201:
-                    refused.append(r.text)
-                    return
-                acked[identity] = count
-                if len(acked) >= 6:
-                    six_acked.set()
-
-    workers = [threading.Thread(target=enrol, args=(w,)) for w in range(3)]
-    for w in workers:
-        w.start()
-    try:
-        assert six_acked.wait(120), service.log()
-    finally:
-        service.kill()  # with requests in flight
-        stop.set()
-        for w in workers:
-            w.join()
-    assert not refused
+    crash = EnrollmentsUntilKilled(service, camera="1")
+    crash.run()
 
     store = SQLiteStore(data / "gallery.sqlite3")
     stored = dict(store.list_identities(0, 100_000))
     store.close()
-    for identity, count in acked.items():
-        assert stored.get(identity) == count, f"acknowledged {identity} lost or changed"
-    for identity, count in stored.items():
-        assert count == attempted[identity], f"{identity} partially written"
+    crash.check(stored)
     with ServiceProcess(workdir / "a.safetensors", data) as again, again.client() as c:
         assert c.get("/readyz").json()["gallery_size"] == sum(stored.values())
 
