@@ -10,8 +10,12 @@ from safetensors import safe_open
 
 from models import load_checkpoint
 from models.checkpoint import read_checkpoint_info
-from training.__main__ import main
+from training.__main__ import build_parser, main
+from models.hardware import cpu_info
+from models.zoo import list_models
 from training.engine import read_state, side_paths
+from training.precision import resolve_precision
+from training.recipes import RECIPES
 
 FAST = ["--recipe", "demo", "--input-size", "64", "32", "--batch-p", "4", "--batch-k", "2", "--quiet"]
 
@@ -47,6 +51,9 @@ def test_train_writes_checkpoint_state_and_log(trained):
     assert [r["epoch"] for r in records] == [1, 2]
     assert all("loss" in r and "lr" in r and "img_per_s" in r and "mAP" in r["eval"] for r in records)
     info = read_checkpoint_info(out)
+    # auto precision: bf16 where this CPU multiplies it natively, else fp32; logged per epoch and in the checkpoint
+    expected = resolve_precision("auto", "cpu", cpu_info())
+    assert {r["precision"] for r in records} == {expected} and info.training["precision"] == expected
     assert info.arch == "hacnn" and tuple(info.input_size) == (64, 32)
     assert info.training["recipe"]["name"] == "demo" and info.training["counts"]["train_ids"] == 8
     best = max(records, key=lambda r: r["eval"]["mAP"])
@@ -189,7 +196,18 @@ def test_demo_builds_data_and_a_model_that_loads(tmp_path, capsys):
         (["openset", "--checkpoint", "{out}", "--data", "{data}", "--enroll-fraction", "1.5"], "--enroll-fraction must be between 0 and 1"),
     ],
 )
-def test_cli_errors_are_one_line(trained, tmp_path, capsys, argv, expected):
+def _choices(command: str, option: str) -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return list(next(a for a in sub._actions if option in a.option_strings).choices)
+
+
+def test_arch_and_recipe_choices_are_the_registries():
+    assert _choices("train", "--arch") == list_models() == _choices("init", "--arch")
+    assert _choices("train", "--recipe") == list(RECIPES)
+    assert "hacnn-mgat" in _choices("train", "--recipe")
+
+
+trained, tmp_path, capsys, argv, expected):
     data, out = trained
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint at all")
     argv = [a.format(tmp=tmp_path, data=data, out=out) for a in argv]

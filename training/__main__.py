@@ -12,7 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from models.zoo import list_models
 from training.calibration import DEFAULT_FAR
+from training.precision import PRECISIONS
+from training.recipes import RECIPES
 
 EXIT_ERROR = 2
 
@@ -33,7 +36,8 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["adam", "sgd"])
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--momentum", type=float)
-    g.add_argument("--warmup-epochs", type=int)
+    g.add_argument("--warmup-epochs", type=int, help="the longest warm-up, in epochs")
+    g.add_argument("--warmup-fraction", type=float, help="warm-up as a fraction of the run (capped by --warmup-epochs)")
     g.add_argument("--lr-steps", type=float, nargs="*", metavar="FRACTION", help="lr decay points as fractions of the epochs")
     g.add_argument("--lr-decay", type=float)
     g.add_argument("--batch-p", type=int, help="identities per batch")
@@ -54,7 +58,7 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 _RECIPE_OPTIONS = (
-    "epochs lr optimizer weight_decay momentum warmup_epochs lr_steps lr_decay batch_p batch_k label_smoothing "
+    "epochs lr optimizer weight_decay momentum warmup_epochs warmup_fraction lr_steps lr_decay batch_p batch_k label_smoothing "
     "triplet_weight margin soft_margin mgat_gamma mgat_weight of_weight erase_p flip_p pad input_size eval_every seed"
 ).split()
 
@@ -78,16 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the images of an existing set")
 
     p = sub.add_parser("train", help="train a model on a Market-1501-layout folder")
-    p.add_argument("--arch", choices=["hacnn", "resnet50"], help="required unless --resume or --recipe")
+    p.add_argument("--arch", choices=list_models(), help="required unless --resume or --recipe")
     p.add_argument("--mgat", action="store_true", help="add MGAT's identity and OF losses")
-    p.add_argument("--recipe", choices=["hacnn", "resnet50", "resnet50-mgat", "demo"], help="start from a named recipe")
+    p.add_argument("--recipe", choices=list(RECIPES), help="start from a named recipe")
     p.add_argument("--data", required=True, help="Market-1501-layout folder")
     p.add_argument("--out", required=True, help="serving checkpoint to write (.safetensors)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", metavar="STATE", help="a .train-state.pt file written by an earlier run")
     p.add_argument("--workers", type=int, help="DataLoader processes (default: 0 on <= 2 cores)")
     p.add_argument("--imagenet-weights", metavar="PATH", help="torchvision resnet50 state dict (.pth or .safetensors)")
-    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--no-amp", action="store_true", help="no fp16 mixed precision on a CUDA GPU without bf16")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="auto: bf16 autocast where the CPU or GPU has native bf16, else fp32 (fp16 AMP on older GPUs)",
+    )
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_recipe_options(p)
@@ -103,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10, help="gallery crops per query with --visualize")
 
     p = sub.add_parser("init", help="write an untrained (or ImageNet-initialised) serving checkpoint")
-    p.add_argument("--arch", required=True, choices=["hacnn", "resnet50"])
+    p.add_argument("--arch", required=True, choices=list_models())
     p.add_argument("--out", required=True)
     p.add_argument("--imagenet-weights", metavar="PATH")
     p.add_argument("--seed", type=int, default=0)
@@ -180,6 +188,7 @@ def cmd_train(args) -> int:
         device=args.device,
         workers=args.workers,
         amp=not args.no_amp,
+        precision=args.precision,
         eval_batch_size=args.eval_batch_size,
         imagenet_weights=args.imagenet_weights,
         progress=not args.quiet,
@@ -219,6 +228,8 @@ def _check_recipe(r) -> None:
         step = 8 * r.model_config.get("num_regions", 4)
         if r.input_size[0] % step or r.input_size[1] % 8:
             raise CliError(f"--input-size for HA-CNN: height must be a multiple of {step} and width of 8")
+    if not 0 <= r.warmup_fraction <= 1 or r.warmup_epochs < 0:
+        raise CliError("--warmup-fraction must be in [0, 1] and --warmup-epochs at least 0")
     if not 0 <= r.label_smoothing < 1:
         raise CliError("--label-smoothing must be in [0, 1)")
 
