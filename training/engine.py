@@ -7,6 +7,10 @@ Files a run writes, next to ``--out`` (say ``run/model.safetensors``):
                                    read back with torch.load(weights_only=True)
     run/model.train-log.jsonl      one JSON object per epoch: losses, lr, img/s, evaluation
 
+``train`` reads as its steps: ``prepare_run`` (device and process group, network, optimiser
+and schedule, resume, decoding the images), ``train_epoch`` (``train_step`` per batch),
+``evaluate_and_keep_best``, ``save_state``; then the match threshold is calibrated.
+
 Multi-GPU: launched by torchrun (WORLD_SIZE / LOCAL_RANK in the environment) every rank
 trains on its own P x K stream under DistributedDataParallel; only rank 0 evaluates and
 writes files.
@@ -19,6 +23,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,9 +273,14 @@ def _set_up_device(opts: RunOptions, world: int, local_rank: int) -> torch.devic
 def _precision_for(opts: RunOptions, device: torch.device) -> str:
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     try:
-        return resolve_precision(opts.precision, device.type, cpu_info(), cuda_bf16=cuda_bf16, amp=opts.amp)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            precision = resolve_precision(opts.precision, device.type, cpu_info(), cuda_bf16=cuda_bf16, amp=opts.amp)
     except PrecisionError as e:
         raise TrainingError(str(e)) from None
+    for w in caught:  # one line each, like every other message of the CLI
+        tqdm.write(f"warning: {w.message}")
+    return precision
 
 
 def _restore(run: Run, state: dict, resume: str) -> None:
