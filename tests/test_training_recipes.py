@@ -72,8 +72,9 @@ def test_schedule_warms_up_then_steps_down():
 @pytest.mark.parametrize(
     "name, epochs, warmup, steps",
     [
-        ("hacnn", 3, 0, [2]),
-        ("hacnn", 8, 0, [5, 7]),
+        ("hacnn", 3, 0, []),
+        ("hacnn", 8, 0, []),  # no step before epoch 20: a short run keeps the full rate
+        ("hacnn", 24, 2, [20]),
         ("hacnn", 150, 5, [100, 125]),  # 10% would be 15 epochs: capped at 5
         ("resnet50", 3, 0, [1, 2]),
         ("resnet50", 8, 0, [3, 5]),
@@ -88,7 +89,7 @@ def test_warmup_and_steps_scale_with_the_run(name, epochs, warmup, steps):
     assert r.lr_step_epochs() == steps
     factors = [lr_factor(r, e) for e in range(epochs)]
     assert factors[warmup] == 1.0  # full rate right after the warm-up...
-    assert factors[-1] < 1.0  # ...and lower at the end
+    assert factors[-1] == pytest.approx(0.1 ** len(steps))  # ...and lower at the end once per step
 
 
 def test_a_short_run_is_not_all_warm_up():

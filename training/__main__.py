@@ -40,6 +40,7 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-fraction", type=float, help="warm-up as a fraction of the run (capped by --warmup-epochs)")
     g.add_argument("--lr-steps", type=float, nargs="*", metavar="FRACTION", help="lr decay points as fractions of the epochs")
     g.add_argument("--lr-decay", type=float)
+    g.add_argument("--first-step-epoch", type=int, help="no lr step before this epoch")
     g.add_argument("--batch-p", type=int, help="identities per batch")
     g.add_argument("--batch-k", type=int, help="images per identity in a batch")
     g.add_argument("--label-smoothing", type=float)
@@ -58,7 +59,7 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 _RECIPE_OPTIONS = (
-    "epochs lr optimizer weight_decay momentum warmup_epochs warmup_fraction lr_steps lr_decay batch_p batch_k label_smoothing "
+    "epochs lr optimizer weight_decay momentum warmup_epochs warmup_fraction lr_steps lr_decay first_step_epoch batch_p batch_k label_smoothing "
     "triplet_weight margin soft_margin mgat_gamma mgat_weight of_weight erase_p flip_p pad input_size eval_every seed"
 ).split()
 
@@ -179,6 +180,10 @@ def cmd_train(args) -> int:
         if done >= recipe.epochs:
             raise CliError(f"{args.resume}: already trained {done} epochs; pass a larger --epochs to continue")
     data = load_reid_data(args.data)
+    if recipe.batch_p > data.num_train_ids and args.batch_p is None:
+        # A small set has fewer identities than the recipe's batch wants: take them all (as the demo does).
+        recipe = recipes.override(recipe, batch_p=data.num_train_ids)
+        _check_recipe(recipe)
     if recipe.batch_p > data.num_train_ids:
         raise CliError(
             f"--batch-p {recipe.batch_p} identities per batch, but {args.data} has only {data.num_train_ids} training identities"

@@ -37,6 +37,7 @@ class Recipe:
     warmup_factor: float = 0.1
     lr_steps: tuple[float, ...] = (1 / 3, 7 / 12)  # as fractions of the epochs: multiply lr by lr_decay there
     lr_decay: float = 0.1
+    first_step_epoch: int = 0  # no lr step before this epoch: a run shorter than it keeps the full rate
     label_smoothing: float = 0.1
     triplet_weight: float = 1.0  # 0 turns the triplet loss off
     margin: float = 0.3
@@ -58,9 +59,10 @@ class Recipe:
 
     def lr_step_epochs(self) -> list[int]:
         """Epochs (0-based) from which the lr is multiplied by lr_decay once more: the fractions
-        of the run, none inside the warm-up, so that a short run trains at the full rate for a while."""
+        of the run, none inside the warm-up nor before ``first_step_epoch``, so that a short run
+        trains at the full rate (a network far from converged only slows down at a lower rate)."""
         steps = {round(f * self.epochs) for f in self.lr_steps if 0 < f < 1}
-        return sorted(s for s in steps if self.warmup() < s < self.epochs)
+        return sorted(s for s in steps if self.warmup() < s < self.epochs and s >= self.first_step_epoch)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -74,19 +76,21 @@ class Recipe:
 def _hacnn() -> Recipe:
     # The paper trains from scratch with SGD; Adam at 3e-4 reaches a good model in fewer epochs
     # from scratch and needs no per-dataset lr search (`--optimizer sgd --lr 0.05` for the paper's style).
-    # Warm-up 10% of the run (at most 5 epochs) and late lr steps: from scratch the network is far
-    # from converged for most of the run, so it trains at the full rate as long as it can
-    # (docs/training.md, "Recipes on a short budget").
+    # Measured on a short budget (docs/training.md, "Recipes on a short budget"): cross-entropy
+    # only, so batches of 32 different identities (K = 1), since P x K batches of 8 identities
+    # learn about half as fast per epoch; no lr step before epoch 20, since a step inside an
+    # 8-epoch run stalls a network still far from converged. Warm-up: 10% of the run, at most 5 epochs.
     return Recipe(
         name="hacnn",
         arch="hacnn",
         input_size=(160, 64),
         epochs=150,
-        batch_p=8,
-        batch_k=4,
+        batch_p=32,
+        batch_k=1,
         lr=3e-4,
         warmup_epochs=5,
         lr_steps=(2 / 3, 5 / 6),
+        first_step_epoch=20,
         triplet_weight=0.0,
         pad=10,
         erase_p=0.0,
@@ -94,7 +98,8 @@ def _hacnn() -> Recipe:
 
 
 def _hacnn_mgat() -> Recipe:
-    return dataclasses.replace(_hacnn(), name="hacnn-mgat", mgat=True)
+    # MGAT's graph needs several images of each identity in a batch: P x K = 8 x 4.
+    return dataclasses.replace(_hacnn(), name="hacnn-mgat", mgat=True, batch_p=8, batch_k=4)
 
 
 def _resnet50() -> Recipe:
