@@ -176,6 +176,17 @@ def test_demo_builds_data_and_a_model_that_loads(tmp_path, capsys):
     assert info.match_threshold is not None and summary["calibration"]["threshold"] == info.match_threshold
 
 
+def _choices(command: str, option: str) -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return list(next(a for a in sub._actions if option in a.option_strings).choices)
+
+
+def test_arch_and_recipe_choices_are_the_registries():
+    assert _choices("train", "--arch") == list_models() == _choices("init", "--arch")
+    assert _choices("train", "--recipe") == list(RECIPES)
+    assert "hacnn-mgat" in _choices("train", "--recipe")
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
@@ -190,24 +201,16 @@ def test_demo_builds_data_and_a_model_that_loads(tmp_path, capsys):
         (["init", "--arch", "resnet50", "--out", "{tmp}/r.safetensors", "--imagenet-weights", "{tmp}/nope.pth"], "no such ImageNet weights file"),
         (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--batch-p", "50"], "has only 8 training identities"),
         (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--input-size", "100", "50"], "multiple of 32"),
+        (["train", "--recipe", "hacnn-mgat", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--batch-k", "1"], "--batch-k must be at least 2 with MGAT"),
+        (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--warmup-fraction", "2"], "--warmup-fraction must be in [0, 1]"),
+        (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--precision", "fp8"], "invalid choice"),
         (["calibrate", "--checkpoint", "{out}", "--data", "{data}", "--far", "0"], "--far must be between 0 and 1"),
         (["calibrate", "--checkpoint", "{tmp}/bad.safetensors", "--data", "{data}"], "not a readable safetensors file"),
         (["calibrate", "--checkpoint", "{out}", "--data", "{tmp}/missing"], "no such data folder"),
         (["openset", "--checkpoint", "{out}", "--data", "{data}", "--enroll-fraction", "1.5"], "--enroll-fraction must be between 0 and 1"),
     ],
 )
-def _choices(command: str, option: str) -> list[str]:
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
-    return list(next(a for a in sub._actions if option in a.option_strings).choices)
-
-
-def test_arch_and_recipe_choices_are_the_registries():
-    assert _choices("train", "--arch") == list_models() == _choices("init", "--arch")
-    assert _choices("train", "--recipe") == list(RECIPES)
-    assert "hacnn-mgat" in _choices("train", "--recipe")
-
-
-trained, tmp_path, capsys, argv, expected):
+def test_cli_errors_are_one_line(trained, tmp_path, capsys, argv, expected):
     data, out = trained
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint at all")
     argv = [a.format(tmp=tmp_path, data=data, out=out) for a in argv]

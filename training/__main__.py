@@ -167,8 +167,9 @@ def cmd_train(args) -> int:
         base = recipes.get_recipe(args.recipe)
         if args.arch and args.arch != base.arch:
             raise CliError(f"--arch {args.arch} contradicts --recipe {args.recipe} ({base.arch})")
-        if args.mgat:
-            base = recipes.override(base, mgat=True)
+        if args.mgat and not base.mgat:
+            name = f"{args.recipe}-mgat"
+            base = recipes.get_recipe(name) if name in recipes.RECIPES else recipes.override(base, mgat=True)
     elif args.arch:
         base = recipes.recipe_for(args.arch, args.mgat)
     else:
@@ -224,6 +225,8 @@ def _check_recipe(r) -> None:
         raise CliError("--epochs must be at least 1")
     if r.batch_p < 2 or r.batch_k < 1:
         raise CliError("--batch-p must be at least 2 and --batch-k at least 1")
+    if r.batch_k < 2 and (r.mgat or r.triplet_weight > 0):
+        raise CliError("--batch-k must be at least 2 with MGAT or the triplet loss (they compare images of one identity)")
     if r.lr <= 0:
         raise CliError("--lr must be positive")
     if min(r.input_size) < 32:
