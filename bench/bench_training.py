@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from models import list_models  # noqa: E402
-from models.hardware import cpu_info  # noqa: E402
-from training.engine import TrainingNet, build_network, make_optimizer  # noqa: E402
-from training.precision import autocast  # noqa: E402
-from training.recipes import recipe_for  # noqa: E402
+from models import list_models
+from models.hardware import cpu_info
+from training.engine import TrainingNet, build_network, make_optimizer
+from training.precision import autocast
+from training.recipes import recipe_for
 
 CLASSES = 60
 

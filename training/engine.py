@@ -330,6 +330,10 @@ def _make_loader(recipe: Recipe, data: ReIDData, device: torch.device, workers: 
     return sampler, loader
 
 
+def _memory_format(recipe: Recipe) -> torch.memory_format:
+    return torch.channels_last if recipe.channels_last else torch.contiguous_format
+
+
 def prepare_run(recipe: Recipe, data: ReIDData, opts: RunOptions, resume: str | None = None) -> Run:
     """Device and process group, network, optimiser and schedule, resumed state, data loader."""
     world, rank, local_rank = _distributed()
@@ -341,7 +345,7 @@ def prepare_run(recipe: Recipe, data: ReIDData, opts: RunOptions, resume: str | 
     random.seed(recipe.seed + rank)
     np.random.seed(recipe.seed + rank)
     model = build_network(recipe, data.num_train_ids, None if state else opts.imagenet_weights)
-    net = TrainingNet(model, recipe, data.num_train_ids).to(device)
+    net = TrainingNet(model, recipe, data.num_train_ids).to(device, memory_format=_memory_format(recipe))
     torch.manual_seed(recipe.seed + 7919 * rank)  # augmentation: each rank its own stream
     optimizer = make_optimizer(recipe, net.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(recipe, e))
@@ -378,7 +382,7 @@ def prepare_run(recipe: Recipe, data: ReIDData, opts: RunOptions, resume: str | 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward (in the run's precision), backward, optimiser step; returns the loss and its parts."""
-    images = images.to(run.device, non_blocking=True)
+    images = images.to(run.device, non_blocking=True, memory_format=_memory_format(run.recipe))
     labels = labels.to(run.device, non_blocking=True)
     with autocast(run.precision, run.device.type):
         total, parts = run.train_net(images, labels)

@@ -50,6 +50,7 @@ class Recipe:
     pad: int = 10
     erase_p: float = 0.5
     eval_every: int = 10
+    channels_last: bool = False  # NHWC activations: measured faster for ResNet-50 only (docs/training.md)
     seed: int = 0
 
     def warmup(self) -> int:
@@ -103,7 +104,9 @@ def _hacnn_mgat() -> Recipe:
 
 
 def _resnet50() -> Recipe:
-    return Recipe(name="resnet50", arch="resnet50", model_config={"last_stride": 1}, input_size=(256, 128))
+    return Recipe(
+        name="resnet50", arch="resnet50", model_config={"last_stride": 1}, input_size=(256, 128), channels_last=True
+    )
 
 
 def _resnet50_mgat() -> Recipe:
