@@ -437,7 +437,8 @@ def evaluate(run: Run, epoch: int) -> dict:
 def evaluate_and_keep_best(run: Run, epoch: int) -> dict:
     """Evaluate after ``epoch`` epochs; a better mAP than the best so far writes the checkpoint."""
     run.last_eval = evaluate(run, epoch)
-    if run.best is None or run.last_eval["mAP"] > run.best["mAP"]:
+    # A run resumed into another --out has no checkpoint there yet: its first evaluation writes one.
+    if run.best is None or run.last_eval["mAP"] > run.best["mAP"] or not run.out.exists():
         run.best = run.last_eval
         meta = {**run.training_meta, "epochs": epoch, "best_epoch": epoch, "train_time_s": round(run.elapsed, 1)}
         save_checkpoint(run.model, run.out, training=meta, metrics=run.best)
