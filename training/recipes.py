@@ -93,7 +93,7 @@ def _hacnn() -> Recipe:
         lr_steps=(2 / 3, 5 / 6),
         first_step_epoch=20,
         triplet_weight=0.0,
-        pad=10,
+        pad=0,  # flip only: pad 10 + crop cost 0.03 mAP in 8 epochs; `--pad 10` for long runs
         erase_p=0.0,
     )
 
