@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from models import build_model  # noqa: E402
+from models import build_model, list_models  # noqa: E402
 from models.export import export_onnx  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
@@ -201,7 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Images/s of the re-id networks on this CPU (torch eager vs ONNX Runtime) and FLOPs per image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--archs", nargs="+", default=["hacnn", "resnet50"], choices=["hacnn", "resnet50"])
+    p.add_argument("--archs", nargs="+", default=list_models(), choices=list_models())
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="batch sizes to time")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement (at least 3 batches)")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches before each measurement")

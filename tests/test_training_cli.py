@@ -10,8 +10,12 @@ from safetensors import safe_open
 
 from models import load_checkpoint
 from models.checkpoint import read_checkpoint_info
-from training.__main__ import main
+from training.__main__ import build_parser, main
+from models.hardware import cpu_info
+from models.zoo import list_models
 from training.engine import read_state, side_paths
+from training.precision import resolve_precision
+from training.recipes import RECIPES
 
 FAST = ["--recipe", "demo", "--input-size", "64", "32", "--batch-p", "4", "--batch-k", "2", "--quiet"]
 
@@ -47,6 +51,9 @@ def test_train_writes_checkpoint_state_and_log(trained):
     assert [r["epoch"] for r in records] == [1, 2]
     assert all("loss" in r and "lr" in r and "img_per_s" in r and "mAP" in r["eval"] for r in records)
     info = read_checkpoint_info(out)
+    # auto precision: bf16 where this CPU multiplies it natively, else fp32; logged per epoch and in the checkpoint
+    expected = resolve_precision("auto", "cpu", cpu_info())
+    assert {r["precision"] for r in records} == {expected} and info.training["precision"] == expected
     assert info.arch == "hacnn" and tuple(info.input_size) == (64, 32)
     assert info.training["recipe"]["name"] == "demo" and info.training["counts"]["train_ids"] == 8
     best = max(records, key=lambda r: r["eval"]["mAP"])
@@ -169,6 +176,17 @@ def test_demo_builds_data_and_a_model_that_loads(tmp_path, capsys):
     assert info.match_threshold is not None and summary["calibration"]["threshold"] == info.match_threshold
 
 
+def _choices(command: str, option: str) -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return list(next(a for a in sub._actions if option in a.option_strings).choices)
+
+
+def test_arch_and_recipe_choices_are_the_registries():
+    assert _choices("train", "--arch") == list_models() == _choices("init", "--arch")
+    assert _choices("train", "--recipe") == list(RECIPES)
+    assert "hacnn-mgat" in _choices("train", "--recipe")
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
@@ -183,6 +201,9 @@ def test_demo_builds_data_and_a_model_that_loads(tmp_path, capsys):
         (["init", "--arch", "resnet50", "--out", "{tmp}/r.safetensors", "--imagenet-weights", "{tmp}/nope.pth"], "no such ImageNet weights file"),
         (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--batch-p", "50"], "has only 8 training identities"),
         (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--input-size", "100", "50"], "multiple of 32"),
+        (["train", "--recipe", "hacnn-mgat", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--batch-k", "1"], "--batch-k must be at least 2 with MGAT"),
+        (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--warmup-fraction", "2"], "--warmup-fraction must be in [0, 1]"),
+        (["train", "--arch", "hacnn", "--data", "{data}", "--out", "{tmp}/m.safetensors", "--precision", "fp8"], "invalid choice"),
         (["calibrate", "--checkpoint", "{out}", "--data", "{data}", "--far", "0"], "--far must be between 0 and 1"),
         (["calibrate", "--checkpoint", "{tmp}/bad.safetensors", "--data", "{data}"], "not a readable safetensors file"),
         (["calibrate", "--checkpoint", "{out}", "--data", "{tmp}/missing"], "no such data folder"),

@@ -12,7 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from models.zoo import list_models
 from training.calibration import DEFAULT_FAR
+from training.precision import PRECISIONS
+from training.recipes import RECIPES
 
 EXIT_ERROR = 2
 
@@ -33,9 +36,11 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["adam", "sgd"])
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--momentum", type=float)
-    g.add_argument("--warmup-epochs", type=int)
+    g.add_argument("--warmup-epochs", type=int, help="the longest warm-up, in epochs")
+    g.add_argument("--warmup-fraction", type=float, help="warm-up as a fraction of the run (capped by --warmup-epochs)")
     g.add_argument("--lr-steps", type=float, nargs="*", metavar="FRACTION", help="lr decay points as fractions of the epochs")
     g.add_argument("--lr-decay", type=float)
+    g.add_argument("--first-step-epoch", type=int, help="no lr step before this epoch")
     g.add_argument("--batch-p", type=int, help="identities per batch")
     g.add_argument("--batch-k", type=int, help="images per identity in a batch")
     g.add_argument("--label-smoothing", type=float)
@@ -54,7 +59,7 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 _RECIPE_OPTIONS = (
-    "epochs lr optimizer weight_decay momentum warmup_epochs lr_steps lr_decay batch_p batch_k label_smoothing "
+    "epochs lr optimizer weight_decay momentum warmup_epochs warmup_fraction lr_steps lr_decay first_step_epoch batch_p batch_k label_smoothing "
     "triplet_weight margin soft_margin mgat_gamma mgat_weight of_weight erase_p flip_p pad input_size eval_every seed"
 ).split()
 
@@ -78,16 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the images of an existing set")
 
     p = sub.add_parser("train", help="train a model on a Market-1501-layout folder")
-    p.add_argument("--arch", choices=["hacnn", "resnet50"], help="required unless --resume or --recipe")
+    p.add_argument("--arch", choices=list_models(), help="required unless --resume or --recipe")
     p.add_argument("--mgat", action="store_true", help="add MGAT's identity and OF losses")
-    p.add_argument("--recipe", choices=["hacnn", "resnet50", "resnet50-mgat", "demo"], help="start from a named recipe")
+    p.add_argument("--recipe", choices=list(RECIPES), help="start from a named recipe")
     p.add_argument("--data", required=True, help="Market-1501-layout folder")
     p.add_argument("--out", required=True, help="serving checkpoint to write (.safetensors)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", metavar="STATE", help="a .train-state.pt file written by an earlier run")
     p.add_argument("--workers", type=int, help="DataLoader processes (default: 0 on <= 2 cores)")
     p.add_argument("--imagenet-weights", metavar="PATH", help="torchvision resnet50 state dict (.pth or .safetensors)")
-    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--no-amp", action="store_true", help="no fp16 mixed precision on a CUDA GPU without bf16")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="auto: bf16 autocast where the CPU or GPU has native bf16, else fp32 (fp16 AMP on older GPUs)",
+    )
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_recipe_options(p)
@@ -103,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10, help="gallery crops per query with --visualize")
 
     p = sub.add_parser("init", help="write an untrained (or ImageNet-initialised) serving checkpoint")
-    p.add_argument("--arch", required=True, choices=["hacnn", "resnet50"])
+    p.add_argument("--arch", required=True, choices=list_models())
     p.add_argument("--out", required=True)
     p.add_argument("--imagenet-weights", metavar="PATH")
     p.add_argument("--seed", type=int, default=0)
@@ -158,8 +167,9 @@ def cmd_train(args) -> int:
         base = recipes.get_recipe(args.recipe)
         if args.arch and args.arch != base.arch:
             raise CliError(f"--arch {args.arch} contradicts --recipe {args.recipe} ({base.arch})")
-        if args.mgat:
-            base = recipes.override(base, mgat=True)
+        if args.mgat and not base.mgat:
+            name = f"{args.recipe}-mgat"
+            base = recipes.get_recipe(name) if name in recipes.RECIPES else recipes.override(base, mgat=True)
     elif args.arch:
         base = recipes.recipe_for(args.arch, args.mgat)
     else:
@@ -171,6 +181,10 @@ def cmd_train(args) -> int:
         if done >= recipe.epochs:
             raise CliError(f"{args.resume}: already trained {done} epochs; pass a larger --epochs to continue")
     data = load_reid_data(args.data)
+    if recipe.batch_p > data.num_train_ids and args.batch_p is None:
+        # A small set has fewer identities than the recipe's batch wants: take them all (as the demo does).
+        recipe = recipes.override(recipe, batch_p=data.num_train_ids)
+        _check_recipe(recipe)
     if recipe.batch_p > data.num_train_ids:
         raise CliError(
             f"--batch-p {recipe.batch_p} identities per batch, but {args.data} has only {data.num_train_ids} training identities"
@@ -180,6 +194,7 @@ def cmd_train(args) -> int:
         device=args.device,
         workers=args.workers,
         amp=not args.no_amp,
+        precision=args.precision,
         eval_batch_size=args.eval_batch_size,
         imagenet_weights=args.imagenet_weights,
         progress=not args.quiet,
@@ -210,6 +225,8 @@ def _check_recipe(r) -> None:
         raise CliError("--epochs must be at least 1")
     if r.batch_p < 2 or r.batch_k < 1:
         raise CliError("--batch-p must be at least 2 and --batch-k at least 1")
+    if r.batch_k < 2 and (r.mgat or r.triplet_weight > 0):
+        raise CliError("--batch-k must be at least 2 with MGAT or the triplet loss (they compare images of one identity)")
     if r.lr <= 0:
         raise CliError("--lr must be positive")
     if min(r.input_size) < 32:
@@ -219,6 +236,8 @@ def _check_recipe(r) -> None:
         step = 8 * r.model_config.get("num_regions", 4)
         if r.input_size[0] % step or r.input_size[1] % 8:
             raise CliError(f"--input-size for HA-CNN: height must be a multiple of {step} and width of 8")
+    if not 0 <= r.warmup_fraction <= 1 or r.warmup_epochs < 0:
+        raise CliError("--warmup-fraction must be in [0, 1] and --warmup-epochs at least 0")
     if not 0 <= r.label_smoothing < 1:
         raise CliError("--label-smoothing must be in [0, 1)")
 

@@ -1,6 +1,7 @@
 """Training recipes: named sets of defaults, each overridable from the command line.
 
     hacnn           HA-CNN from scratch, 160x64, cross-entropy (label smoothing) on both branches
+    hacnn-mgat      the same + MGAT identity loss + optimisation-feedback loss
     resnet50        "bag of tricks" baseline: last stride 1, BNNeck, warm-up, label smoothing,
                     random erasing, cross-entropy + batch-hard triplet, Adam 3.5e-4
     resnet50-mgat   the baseline + MGAT identity loss + optimisation-feedback loss
@@ -12,7 +13,10 @@ See docs/training.md for why each value is what it is.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from models import list_models
 
 
 @dataclass
@@ -28,10 +32,12 @@ class Recipe:
     lr: float = 3.5e-4
     weight_decay: float = 5e-4
     momentum: float = 0.9  # sgd only
-    warmup_epochs: int = 10  # linear from lr * warmup_factor to lr
+    warmup_epochs: int = 10  # the longest warm-up (linear from lr * warmup_factor to lr) ...
+    warmup_fraction: float = 0.1  # ... which lasts this fraction of the run when that is shorter
     warmup_factor: float = 0.1
     lr_steps: tuple[float, ...] = (1 / 3, 7 / 12)  # as fractions of the epochs: multiply lr by lr_decay there
     lr_decay: float = 0.1
+    first_step_epoch: int = 0  # no lr step before this epoch: a run shorter than it keeps the full rate
     label_smoothing: float = 0.1
     triplet_weight: float = 1.0  # 0 turns the triplet loss off
     margin: float = 0.3
@@ -44,18 +50,26 @@ class Recipe:
     pad: int = 10
     erase_p: float = 0.5
     eval_every: int = 10
+    channels_last: bool = False  # NHWC activations: measured faster for ResNet-50 only (docs/training.md)
     seed: int = 0
 
+    def warmup(self) -> int:
+        """Epochs of warm-up in this run: ``warmup_fraction`` of it (rounded down), at most
+        ``warmup_epochs``, so that a short run is not all warm-up (3 epochs: none)."""
+        return max(0, min(self.warmup_epochs, math.floor(self.warmup_fraction * self.epochs + 1e-9)))
+
     def lr_step_epochs(self) -> list[int]:
-        """Epochs (0-based) from which the lr is multiplied by lr_decay once more; none inside the
-        warm-up, so that a short run still trains at the full rate for a while."""
-        steps = {max(1, round(f * self.epochs)) for f in self.lr_steps if 0 < f < 1}
-        return sorted(s for s in steps if s > self.warmup_epochs)
+        """Epochs (0-based) from which the lr is multiplied by lr_decay once more: the fractions
+        of the run, none inside the warm-up nor before ``first_step_epoch``, so that a short run
+        trains at the full rate (a network far from converged only slows down at a lower rate)."""
+        steps = {round(f * self.epochs) for f in self.lr_steps if 0 < f < 1}
+        return sorted(s for s in steps if self.warmup() < s < self.epochs and s >= self.first_step_epoch)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["input_size"] = list(self.input_size)
         d["lr_steps"] = list(self.lr_steps)
+        d["warmup"] = self.warmup()
         d["lr_step_epochs"] = self.lr_step_epochs()
         return d
 
@@ -63,24 +77,36 @@ class Recipe:
 def _hacnn() -> Recipe:
     # The paper trains from scratch with SGD; Adam at 3e-4 reaches a good model in fewer epochs
     # from scratch and needs no per-dataset lr search (`--optimizer sgd --lr 0.05` for the paper's style).
+    # Measured on a short budget (docs/training.md, "Recipes on a short budget"): cross-entropy
+    # only, so batches of 32 different identities (K = 1), since P x K batches of 8 identities
+    # learn about half as fast per epoch; no lr step before epoch 20, since a step inside an
+    # 8-epoch run stalls a network still far from converged. Warm-up: 10% of the run, at most 5 epochs.
     return Recipe(
         name="hacnn",
         arch="hacnn",
         input_size=(160, 64),
         epochs=150,
-        batch_p=8,
-        batch_k=4,
+        batch_p=32,
+        batch_k=1,
         lr=3e-4,
         warmup_epochs=5,
-        lr_steps=(1 / 3, 2 / 3),
+        lr_steps=(2 / 3, 5 / 6),
+        first_step_epoch=20,
         triplet_weight=0.0,
-        pad=10,
+        pad=0,  # flip only: pad 10 + crop cost 0.03 mAP in 8 epochs; `--pad 10` for long runs
         erase_p=0.0,
     )
 
 
+def _hacnn_mgat() -> Recipe:
+    # MGAT's graph needs several images of each identity in a batch: P x K = 8 x 4.
+    return dataclasses.replace(_hacnn(), name="hacnn-mgat", mgat=True, batch_p=8, batch_k=4)
+
+
 def _resnet50() -> Recipe:
-    return Recipe(name="resnet50", arch="resnet50", model_config={"last_stride": 1}, input_size=(256, 128))
+    return Recipe(
+        name="resnet50", arch="resnet50", model_config={"last_stride": 1}, input_size=(256, 128), channels_last=True
+    )
 
 
 def _resnet50_mgat() -> Recipe:
@@ -100,6 +126,7 @@ def _demo() -> Recipe:
         batch_k=4,
         lr=1e-3,
         warmup_epochs=1,
+        warmup_fraction=0.125,  # 1 epoch of 8 at lr 1e-3; none in a run of 7 or fewer
         lr_steps=(0.75,),
         triplet_weight=1.0,
         pad=6,
@@ -108,17 +135,21 @@ def _demo() -> Recipe:
     )
 
 
-RECIPES = {"hacnn": _hacnn, "resnet50": _resnet50, "resnet50-mgat": _resnet50_mgat, "demo": _demo}
+# Every architecture of the model zoo has a recipe named after it and one named "<arch>-mgat".
+RECIPES = {
+    "hacnn": _hacnn,
+    "hacnn-mgat": _hacnn_mgat,
+    "resnet50": _resnet50,
+    "resnet50-mgat": _resnet50_mgat,
+    "demo": _demo,
+}
 
 
 def recipe_for(arch: str, mgat: bool = False) -> Recipe:
     """The default recipe for ``--arch`` and ``--mgat``."""
-    if arch == "resnet50":
-        return RECIPES["resnet50-mgat" if mgat else "resnet50"]()
-    if arch == "hacnn":
-        recipe = RECIPES["hacnn"]()
-        return dataclasses.replace(recipe, name="hacnn-mgat", mgat=True) if mgat else recipe
-    raise ValueError(f"unknown architecture {arch!r}; known: hacnn, resnet50")
+    if arch not in list_models():
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(list_models())}")
+    return get_recipe(f"{arch}-mgat" if mgat else arch)
 
 
 def get_recipe(name: str) -> Recipe:
