@@ -15,8 +15,8 @@ def test_smoke_ablation_runs_end_to_end_and_resumes(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["seed"]) for r in records] == [("hacnn", 0), ("hacnn-mgat", 0)]
     plain, mgat = records
-    assert plain["refinement"] is None and plain["recipe"]["mgat"] is False
-    assert set(mgat["refinement"]) == {"cnn", "refined", "gallery_mse"}
+    assert plain["recipe"]["mgat"] is False and mgat["recipe"]["mgat"] is True
+    assert set(mgat["refinement"]) == set(plain["refinement"]) == {"cnn", "refined", "gallery_mse"}
     # The CNN side of the refinement measurement scores the same final network as the run's own evaluation.
     assert mgat["refinement"]["cnn"]["mAP"] == pytest.approx(mgat["final"]["mAP"], abs=1e-6)
     assert mgat["of_curve"] and mgat["curve"][-1][0] == 1

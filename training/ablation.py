@@ -9,8 +9,9 @@ DIR/results.jsonl          one line per finished run; a rerun skips the (config,
 DIR/summary.md, DIR/curves-<config>.png   the table and the learning curves
 
 Every run is scored at its last epoch (not its best one: picking the best epoch by test mAP
-would select on the test set). MGAT runs are also scored with the refined gallery
-(training.refinement). See docs/training.md, "The MGAT ablation".
+would select on the test set). Every run is also scored with an MGAT-refined gallery
+(training.refinement): MGAT runs with their trained W, the others without W as a control.
+See docs/training.md, "The MGAT ablation".
 """
 
 from __future__ import annotations
@@ -151,21 +152,24 @@ def train_one(recipe: recipes.Recipe, data: ReIDData, run_dir: Path, device: str
         "curve": [[r["epoch"], r["eval"]["mAP"]] for r in log if "eval" in r],
         "of_curve": [[r["epoch"], r["of"]] for r in log if "of" in r],
         "train_time_s": summary["train_time_s"],
-        "refinement": _refinement(recipe, data, summary["state"], device) if recipe.mgat else None,
+        "refinement": _refinement(recipe, data, summary["state"], device),
     }
     record["wall_s"] = round(time.time() - t0, 1)
     return record
 
 
 def _refinement(recipe: recipes.Recipe, data: ReIDData, state_path: str, device: str) -> dict:
-    """CNN vs refined-gallery figures of the final network (the train state: it holds MGAT's W)."""
+    """CNN vs refined-gallery figures of the final network (the train state: it holds MGAT's W).
+    A run without MGAT is refined with the recipe's gamma and no W: the control, what the graph
+    and the gallery's labels alone add to a network never trained with them."""
     state = engine.read_state(state_path)
     model = engine.build_network(recipe, data.num_train_ids)
     net = engine.TrainingNet(model, recipe, data.num_train_ids)
     net.load_state_dict(state["net"])
     dev = engine.resolve_device(device)
     net.to(dev)
-    return refinement_metrics(net.model, recipe.mgat_gamma, net.mgat.weight, data, IMAGENET_MEAN, IMAGENET_STD, dev)
+    weight = net.mgat.weight if net.mgat is not None else None
+    return refinement_metrics(net.model, recipe.mgat_gamma, weight, data, IMAGENET_MEAN, IMAGENET_STD, dev)
 
 
 def run_ablation(
@@ -229,7 +233,7 @@ def _pm(ms: tuple[float, float] | None, digits: int = 3) -> str:
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    head = ("| variant | seeds | rank-1 | mAP | mINP | MGAT: CNN mAP | MGAT: refined-gallery mAP | "
+    head = ("| variant | seeds | rank-1 | mAP | mINP | CNN mAP (final net) | refined-gallery mAP | "
             "gallery MSE(X, X') | last-epoch OF loss | wall s/run |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
