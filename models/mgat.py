@@ -74,6 +74,13 @@ def masked_graph_update(x: torch.Tensor, labels: torch.Tensor, gamma: float) -> 
     return (attention_matrix(x, gamma) * identity_mask(labels)) @ x
 
 
+def refine(x: torch.Tensor, labels: torch.Tensor, gamma: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """X' = (A * M) X W over any labelled set: a training batch, or at test time an enrolled
+    gallery whose identities are known (``weight`` None: no projection)."""
+    refined = masked_graph_update(x, labels, gamma)
+    return refined @ weight if weight is not None else refined
+
+
 def of_loss(features: torch.Tensor, refined: torch.Tensor, detach_refined: bool = True) -> torch.Tensor:
     """Optimisation-feedback loss: mean squared error between the CNN features and MGAT's output."""
     target = refined.detach() if detach_refined else refined
@@ -100,8 +107,6 @@ class MGAT(nn.Module):
             self.bn = self.classifier = None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        refined = masked_graph_update(x, labels, self.gamma)
-        if self.weight is not None:
-            refined = refined @ self.weight
+        refined = refine(x, labels, self.gamma, self.weight)
         logits = self.classifier(self.bn(refined)) if self.classifier is not None else None
         return refined, logits

@@ -13,6 +13,7 @@ from models.mgat import (
     of_loss,
     pairwise_distances,
     pk_mask,
+    refine,
 )
 
 # Four nodes in 2-D, P = 2 identities x K = 2 images: nodes 0, 1 are identity 0; 2, 3 identity 1.
@@ -134,3 +135,29 @@ def test_gradient_through_distances_is_finite_on_the_diagonal_and_for_duplicates
     refined, logits = layer(x, torch.tensor([0, 0, 1, 1]))
     (torch.nn.functional.cross_entropy(logits, torch.tensor([0, 0, 1, 1])) + of_loss(x, refined)).backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
+def test_refine_applies_the_weight_after_the_hand_computed_update():
+    w = torch.tensor([[2.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(refine(X, LABELS, GAMMA, w), X_REFINED @ w)
+    assert torch.allclose(refine(X, LABELS, GAMMA), X_REFINED)
+
+
+def test_refine_with_a_very_sharp_graph_leaves_every_node_to_itself():
+    # Distinct nodes, each its own identity: attention concentrates on the self-edge as gamma grows.
+    x = torch.randn(6, 5, dtype=torch.float64)
+    w = torch.randn(5, 5, dtype=torch.float64)
+    assert torch.allclose(refine(x, torch.arange(6), gamma=200.0, weight=w), x @ w, atol=1e-9)
+
+
+def test_refine_of_one_identity_with_a_flat_graph_is_its_mean():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    refined = refine(x, torch.zeros(5, dtype=torch.long), gamma=0.0)
+    assert torch.allclose(refined, x.mean(dim=0).expand(5, 3))
+
+
+def test_refine_follows_a_reordering_of_the_gallery():
+    x = torch.randn(7, 4, dtype=torch.float64)
+    labels = torch.tensor([3, 1, 3, 2, 1, 2, 3])
+    perm = torch.randperm(7)
+    assert torch.allclose(refine(x, labels, 1.0)[perm], refine(x[perm], labels[perm], 1.0))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {synth,train,eval,init,demo,calibrate,openset}``.
+"""Command line: ``python -m training {synth,train,eval,init,demo,calibrate,openset,ablate}``.
 
 Every failure the user can cause (missing folder, wrong layout, unreadable checkpoint, bad
 option) ends with one line on stderr and a non-zero exit status, never a traceback.
@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
+
+    p = sub.add_parser("ablate", help="the MGAT ablation: variants x seeds on one synthetic set (resumable)")
+    p.add_argument("--out", required=True, help="folder: data, runs, results.jsonl, summary.md, curves PNG")
+    p.add_argument("--config", choices=["smoke", "full"], default="full")
+    p.add_argument("--seeds", help="comma-separated training seeds (default: the config's)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -423,9 +431,29 @@ def cmd_openset(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from training import ablation
+
+    try:
+        seeds = None if args.seeds is None else [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if seeds is not None and not seeds:
+        raise CliError("--seeds names no seed")
+    config = ablation.CONFIGS[args.config]
+    ablation.select_variants(config, args.only)  # an unknown name fails before any rendering
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    records = ablation.run_ablation(args.out, config, seeds, args.only, device=args.device, progress=not args.quiet, say=say)
+    order = [v.name for v in ablation.select_variants(config, args.only)]
+    table, md, png = ablation.write_summary(args.out, config, records, order)
+    print(f"wrote {md} and {png}", file=sys.stderr)
+    print(table, end="")
+    return 0
+
+
 COMMANDS = {
     "synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "init": cmd_init, "demo": cmd_demo,
-    "calibrate": cmd_calibrate, "openset": cmd_openset,
+    "calibrate": cmd_calibrate, "openset": cmd_openset, "ablate": cmd_ablate,
 }
 
 

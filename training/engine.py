@@ -120,7 +120,11 @@ class TrainingNet(nn.Module):
         self.recipe = recipe
         # MGAT refines the test-time embedding (ResNet-50: the BNNeck output), so the OF loss
         # shapes exactly the vector the service ranks with.
-        self.mgat = MGAT(model.embedding_dim, num_classes, gamma=recipe.mgat_gamma) if recipe.mgat else None
+        self.mgat = (
+            MGAT(model.embedding_dim, num_classes, gamma=recipe.mgat_gamma, learnable_weight=recipe.mgat_learnable_w)
+            if recipe.mgat
+            else None
+        )
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         r = self.recipe
@@ -130,7 +134,9 @@ class TrainingNet(nn.Module):
             feats = out["features"]
             parts["triplet"] = sum(batch_hard_triplet(f, labels, r.margin, r.soft_margin) for f in feats) / len(feats)
         if self.mgat is not None:
-            parts["mgat_id"], parts["of"] = mgat_losses(self.mgat, out["embedding"], labels, r.label_smoothing)
+            parts["mgat_id"], parts["of"] = mgat_losses(
+                self.mgat, out["embedding"], labels, r.label_smoothing, detach_refined=r.of_detach
+            )
         weights = {"id": 1.0, "triplet": r.triplet_weight, "mgat_id": r.mgat_weight, "of": r.of_weight}
         total = sum(weights[k] * v for k, v in parts.items())
         return total, parts

@@ -40,8 +40,9 @@ def batch_hard_triplet(
 
 
 def mgat_losses(
-    mgat: MGAT, features: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1
+    mgat: MGAT, features: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1, detach_refined: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(identity loss on MGAT's refined features, OF loss pulling the CNN features to them; refined detached)."""
+    """(identity loss on MGAT's refined features, OF loss pulling the CNN features to them;
+    refined detached unless ``detach_refined=False``)."""
     refined, logits = mgat(features.float(), labels)
-    return cross_entropy_smooth(logits, labels, epsilon), of_loss(features.float(), refined, detach_refined=True)
+    return cross_entropy_smooth(logits, labels, epsilon), of_loss(features.float(), refined, detach_refined)

@@ -46,6 +46,8 @@ class Recipe:
     mgat_gamma: float = 1.0
     mgat_weight: float = 1.0  # weight of MGAT's identity loss
     of_weight: float = 1.0  # weight of the optimisation-feedback loss
+    of_detach: bool = True  # OF loss pulls the CNN towards X' only (False: X' towards the CNN too)
+    mgat_learnable_w: bool = True  # MGAT's projection W (identity-initialised) is trained; False: no W
     flip_p: float = 0.5
     pad: int = 10
     erase_p: float = 0.5

@@ -165,3 +165,58 @@ def write_score_histograms(histogram: dict, threshold: float | None, path: str |
     path.parent.mkdir(parents=True, exist_ok=True)
     score_histograms(histogram, threshold, title).save(path)
     return path
+
+
+# Distinct line colours (Tableau 10), reused in order.
+LINE_COLOURS = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+LEGEND_W = 220
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str) -> Image.Image:
+    """One line (with dots) per named series of (x, y) points, a legend on the right."""
+    width, height = PLOT_W + LEGEND_W, PLOT_H + 2 * MARGIN_T
+    canvas = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title, fill=(0, 0, 0))
+    left, right, top, bottom = MARGIN_L, PLOT_W - MARGIN_R, MARGIN_T, height - MARGIN_B
+    points = [p for pts in series.values() for p in pts]
+    xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
+    x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1)
+    y_lo, y_hi = 0.0, max(max(ys), 1e-6) * 1.05
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)
+
+    draw.line((left, bottom, right, bottom), fill=(0, 0, 0))
+    draw.line((left, top, left, bottom), fill=(0, 0, 0))
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        value = y_lo + frac * (y_hi - y_lo)
+        _, y = at(x_lo, value)
+        draw.line((left - 4, y, left, y), fill=(0, 0, 0))
+        draw.text((8, y - 6), f"{value:.3f}", fill=(0, 0, 0))
+    for x_value in sorted({p[0] for p in points}):
+        x, _ = at(x_value, y_lo)
+        draw.line((x, bottom, x, bottom + 4), fill=(0, 0, 0))
+        draw.text((x - 4, bottom + 6), f"{x_value:g}", fill=(0, 0, 0))
+    draw.text((right - 120, bottom + 20), f"x: {x_label}   y: {y_label}", fill=(0, 0, 0))
+    for i, (name, pts) in enumerate(series.items()):
+        colour = LINE_COLOURS[i % len(LINE_COLOURS)]
+        xy = [at(x, y) for x, y in pts]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        ly = top + 16 * i
+        draw.line((PLOT_W + 4, ly + 6, PLOT_W + 24, ly + 6), fill=colour, width=3)
+        draw.text((PLOT_W + 30, ly), name, fill=(0, 0, 0))
+    return canvas
+
+
+def write_line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str, x_label: str, y_label: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line_plot(series, title, x_label, y_label).save(path)
+    return path

@@ -1,0 +1,275 @@
+"""The MGAT ablation: declared variants x seeds, same budget, one synthetic set, resumable.
+
+    python -m training ablate --out DIR [--config smoke|full] [--seeds 0,1,2] [--only NAME ...]
+
+DIR/data-<config>/         the synthetic set (training.synth, fixed seed), rendered once
+DIR/runs/<variant>/seed<s>/ each run's checkpoint, train state and log (engine.train)
+DIR/results.jsonl          one line per finished run; a rerun skips the (config, variant, seed)
+                           already there, so an interrupted ablation resumes
+DIR/summary.md, DIR/curves-<config>.png   the table and the learning curves
+
+Every run is scored at its last epoch (not its best one: picking the best epoch by test mAP
+would select on the test set). Every run is also scored with an MGAT-refined gallery
+(training.refinement): MGAT runs with their trained W, the others without W as a control.
+See docs/training.md, "The MGAT ablation".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import IMAGENET_MEAN, IMAGENET_STD
+from training import engine, recipes
+from training.data import ReIDData, load_reid_data
+from training.refinement import refinement_metrics
+from training.synth import generate_dataset
+
+METRICS = ("rank1", "mAP", "mINP")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    arch: str  # hacnn | resnet50
+    mgat: bool
+    changes: dict = field(default_factory=dict)  # recipe overrides: what this variant changes
+
+
+# The knob grid runs on the cheaper model (HA-CNN); "hacnn-mgat" is its centre (the defaults).
+VARIANTS = (
+    Variant("hacnn", "hacnn", False),
+    Variant("hacnn-mgat", "hacnn", True),
+    Variant("hacnn-mgat-gamma0.5", "hacnn", True, {"mgat_gamma": 0.5}),
+    Variant("hacnn-mgat-gamma2", "hacnn", True, {"mgat_gamma": 2.0}),
+    Variant("hacnn-mgat-of0", "hacnn", True, {"of_weight": 0.0}),
+    Variant("hacnn-mgat-of2", "hacnn", True, {"of_weight": 2.0}),
+    Variant("hacnn-mgat-undetached", "hacnn", True, {"of_detach": False}),
+    Variant("hacnn-mgat-fixed-w", "hacnn", True, {"mgat_learnable_w": False}),
+    Variant("resnet50", "resnet50", False),
+    Variant("resnet50-mgat", "resnet50", True),
+)
+VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    name: str
+    identities: int  # synthetic identities, half for training, half held out
+    cameras: int
+    data_seed: int
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+    arch_changes: dict  # arch -> recipe overrides shared by all its variants (size, budget, schedule)
+
+
+_SMOKE_HACNN = {
+    "model_config": {"widths": [16, 32, 48], "stem_channels": 16, "feature_dim": 16},
+    "input_size": (64, 32),
+    "epochs": 1,
+    "batch_p": 4,
+    "batch_k": 2,
+    "warmup_epochs": 0,
+    "lr_steps": (),
+    "eval_every": 1,
+}
+
+# The schedule overrides (lr, warm-up, steps) fit a short run; see docs/training.md for the sizes.
+_FULL_SCHEDULE = {"lr": 1e-3, "warmup_epochs": 1, "lr_steps": (0.75,), "eval_every": 2}
+_FULL = {
+    "hacnn": {
+        "model_config": {"widths": [64, 128, 192], "feature_dim": 256},
+        "input_size": (64, 32),
+        "epochs": 8,
+        "pad": 4,
+        **_FULL_SCHEDULE,
+    },
+    "resnet50": {"model_config": {"last_stride": 1}, "input_size": (64, 32), "epochs": 8, "pad": 4, **_FULL_SCHEDULE},
+}
+
+CONFIGS = {
+    "smoke": AblationConfig("smoke", 8, 3, 0, (0,), ("hacnn", "hacnn-mgat"), {"hacnn": _SMOKE_HACNN}),
+    "full": AblationConfig("full", 200, 6, 0, (0, 1, 2), tuple(v.name for v in VARIANTS), _FULL),
+}
+
+
+def variant_recipe(config: AblationConfig, variant: Variant, seed: int) -> recipes.Recipe:
+    """The arch's default recipe, then the config's size/budget, then the variant's change."""
+    base = recipes.recipe_for(variant.arch, variant.mgat)
+    recipe = recipes.override(base, **config.arch_changes.get(variant.arch, {}))
+    return recipes.override(recipe, name=variant.name, seed=seed, **variant.changes)
+
+
+def select_variants(config: AblationConfig, only: list[str] | None) -> list[Variant]:
+    names = list(only) if only else list(config.variants)
+    unknown = [n for n in names if n not in VARIANTS_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS_BY_NAME)}")
+    return [VARIANTS_BY_NAME[n] for n in names]
+
+
+def ensure_data(out: Path, config: AblationConfig, progress: bool = True) -> ReIDData:
+    """The config's synthetic set under DIR, rendered unless a finished rendering is there."""
+    folder = out / f"data-{config.name}"
+    marker = folder / "counts.json"
+    if not marker.is_file():
+        counts = generate_dataset(
+            folder, identities=config.identities, cameras=config.cameras, seed=config.data_seed,
+            progress=progress, overwrite=True,
+        )
+        marker.write_text(json.dumps(counts))
+    return load_reid_data(folder)
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_key(record: dict) -> tuple[str, str, int]:
+    return record["config"], record["variant"], int(record["seed"])
+
+
+def train_one(recipe: recipes.Recipe, data: ReIDData, run_dir: Path, device: str) -> dict:
+    """Train one variant/seed from scratch and return its result record (without config/variant)."""
+    if run_dir.exists():  # an interrupted run: start it again
+        shutil.rmtree(run_dir)
+    t0 = time.time()
+    opts = engine.RunOptions(out=str(run_dir / "model.safetensors"), device=device, progress=False)
+    summary = engine.train(recipe, data, opts)
+    log = [json.loads(line) for line in Path(summary["log"]).read_text().splitlines()]
+    record = {
+        "seed": recipe.seed,
+        "recipe": recipe.to_dict(),
+        "final": summary["last"],
+        "curve": [[r["epoch"], r["eval"]["mAP"]] for r in log if "eval" in r],
+        "of_curve": [[r["epoch"], r["of"]] for r in log if "of" in r],
+        "train_time_s": summary["train_time_s"],
+        "refinement": _refinement(recipe, data, summary["state"], device),
+    }
+    record["wall_s"] = round(time.time() - t0, 1)
+    return record
+
+
+def _refinement(recipe: recipes.Recipe, data: ReIDData, state_path: str, device: str) -> dict:
+    """CNN vs refined-gallery figures of the final network (the train state: it holds MGAT's W).
+    A run without MGAT is refined with the recipe's gamma and no W: the control, what the graph
+    and the gallery's labels alone add to a network never trained with them."""
+    state = engine.read_state(state_path)
+    model = engine.build_network(recipe, data.num_train_ids)
+    net = engine.TrainingNet(model, recipe, data.num_train_ids)
+    net.load_state_dict(state["net"])
+    dev = engine.resolve_device(device)
+    net.to(dev)
+    weight = net.mgat.weight if net.mgat is not None else None
+    return refinement_metrics(net.model, recipe.mgat_gamma, weight, data, IMAGENET_MEAN, IMAGENET_STD, dev)
+
+
+def run_ablation(
+    out: str | Path, config: AblationConfig, seeds: list[int] | None = None, only: list[str] | None = None,
+    device: str = "cpu", progress: bool = True, say=print,
+) -> list[dict]:
+    """Train every (variant, seed) not yet in DIR/results.jsonl; returns this config's records."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = select_variants(config, only)
+    seeds = list(config.seeds) if seeds is None else list(seeds)
+    data = ensure_data(out, config, progress)
+    results_path = out / "results.jsonl"
+    done = {run_key(r) for r in read_results(results_path)}
+    todo = [(v, s) for v in variants for s in seeds if (config.name, v.name, s) not in done]
+    say(f"ablation {config.name}: {len(variants)} variants x {len(seeds)} seeds, {len(todo)} runs to do "
+        f"on {json.dumps(data.counts())}")
+    for i, (variant, seed) in enumerate(todo, 1):
+        recipe = variant_recipe(config, variant, seed)
+        if recipe.batch_p > data.num_train_ids:
+            raise ValueError(f"{variant.name}: batch_p {recipe.batch_p} > {data.num_train_ids} training identities")
+        say(f"[{i}/{len(todo)}] {variant.name} seed {seed}")
+        record = {"config": config.name, "variant": variant.name, **train_one(recipe, data, out / "runs" / variant.name / f"seed{seed}", device)}
+        with open(results_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        say(f"[{i}/{len(todo)}] {variant.name} seed {seed}: mAP {record['final']['mAP']:.3f} "
+            f"rank1 {record['final']['rank1']:.3f} in {record['wall_s']:.0f} s")
+    wanted = {(config.name, v.name, s) for v in variants for s in seeds}
+    return [r for r in read_results(results_path) if run_key(r) in wanted]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarize(records: list[dict], order: list[str]) -> list[dict]:
+    """One row per variant (in ``order``): seeds, mean/std of each metric, refined-gallery mAP."""
+    rows = []
+    for name in order:
+        runs = [r for r in records if r["variant"] == name]
+        if not runs:
+            continue
+        row = {"variant": name, "seeds": sorted(int(r["seed"]) for r in runs)}
+        for m in METRICS:
+            row[m] = mean_std([r["final"][m] for r in runs])
+        refined = [r["refinement"] for r in runs if r.get("refinement")]
+        if refined:
+            row["cnn_mAP"] = mean_std([x["cnn"]["mAP"] for x in refined])
+            row["refined_mAP"] = mean_std([x["refined"]["mAP"] for x in refined])
+            row["gallery_mse"] = mean_std([x["gallery_mse"] for x in refined])
+        row["of_last"] = mean_std([r["of_curve"][-1][1] for r in runs]) if all(r["of_curve"] for r in runs) else None
+        row["wall_s"] = mean_std([r["wall_s"] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def _pm(ms: tuple[float, float] | None, digits: int = 3) -> str:
+    return "-" if ms is None else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    head = ("| variant | seeds | rank-1 | mAP | mINP | CNN mAP (final net) | refined-gallery mAP | "
+            "gallery MSE(X, X') | last-epoch OF loss | wall s/run |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_pm(r['rank1'])} | {_pm(r['mAP'])} | "
+            f"{_pm(r['mINP'])} | {_pm(r.get('cnn_mAP'))} | {_pm(r.get('refined_mAP'))} | "
+            f"{_pm(r.get('gallery_mse'), 4)} | {_pm(r['of_last'], 4)} | {r['wall_s'][0]:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def mean_curves(records: list[dict], order: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Per variant: (epoch, mAP averaged over the seeds evaluated at that epoch)."""
+    curves = {}
+    for name in order:
+        by_epoch: dict[int, list[float]] = {}
+        for r in records:
+            if r["variant"] == name:
+                for epoch, value in r["curve"]:
+                    by_epoch.setdefault(int(epoch), []).append(float(value))
+        if by_epoch:
+            curves[name] = [(e, float(np.mean(v))) for e, v in sorted(by_epoch.items())]
+    return curves
+
+
+def write_summary(out: str | Path, config: AblationConfig, records: list[dict], order: list[str]) -> tuple[str, Path, Path]:
+    """(markdown table, DIR/summary.md, DIR/curves-<config>.png)."""
+    from training.visualize import write_line_plot
+
+    out = Path(out)
+    table = summary_markdown(summarize(records, order))
+    md = out / "summary.md"
+    md.write_text(f"# MGAT ablation, config {config.name}\n\n{table}")
+    png = write_line_plot(
+        mean_curves(records, order), out / f"curves-{config.name}.png",
+        title=f"MGAT ablation ({config.name}): held-out mAP per evaluated epoch, mean over seeds",
+        x_label="epoch", y_label="mAP",
+    )
+    return table, md, png
