@@ -13,19 +13,22 @@ def test_smoke_ablation_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert main(["ablate", "--out", str(out), "--config", "smoke", "--device", "cpu", "--quiet"]) == 0
     table = capsys.readouterr().out
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [(r["variant"], r["seed"]) for r in records] == [("hacnn", 0), ("hacnn-mgat", 0)]
-    plain, mgat = records
+    assert [(r["variant"], r["seed"]) for r in records] == [("untrained-hacnn", 0), ("hacnn", 0), ("hacnn-mgat", 0)]
+    start, plain, mgat = records
+    # The untrained start is the same network the trained runs begin from, scored before any step.
+    assert start["recipe"]["model_config"] == plain["recipe"]["model_config"] and start["refinement"] is None
     assert plain["recipe"]["mgat"] is False and mgat["recipe"]["mgat"] is True
     assert set(mgat["refinement"]) == set(plain["refinement"]) == {"cnn", "refined", "gallery_mse"}
     # The CNN side of the refinement measurement scores the same final network as the run's own evaluation.
     assert mgat["refinement"]["cnn"]["mAP"] == pytest.approx(mgat["final"]["mAP"], abs=1e-6)
     assert mgat["of_curve"] and mgat["curve"][-1][0] == 1
-    assert "| hacnn-mgat | 0 |" in table and (out / "summary.md").read_text().count("| hacnn") == 2
+    assert "| hacnn-mgat | 0 |" in table and "| untrained-hacnn | 0 |" in table
+    assert (out / "summary.md").read_text().count("| hacnn") == 2
     assert (out / "curves-smoke.png").stat().st_size > 0
 
     # A second call finds both runs finished and trains nothing.
     assert main(["ablate", "--out", str(out), "--config", "smoke", "--device", "cpu", "--quiet"]) == 0
-    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
 
 
 def test_unknown_variant_is_a_one_line_error(tmp_path, capsys):

@@ -444,7 +444,9 @@ def cmd_ablate(args) -> int:
     ablation.select_variants(config, args.only)  # an unknown name fails before any rendering
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     records = ablation.run_ablation(args.out, config, seeds, args.only, device=args.device, progress=not args.quiet, say=say)
-    order = [v.name for v in ablation.select_variants(config, args.only)]
+    variants = ablation.select_variants(config, args.only)
+    starts = dict.fromkeys(ablation.untrained_name(v.arch) for v in variants)
+    order = [*starts, *(v.name for v in variants)]
     table, md, png = ablation.write_summary(args.out, config, records, order)
     print(f"wrote {md} and {png}", file=sys.stderr)
     print(table, end="")
