@@ -194,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="default: an untrained HA-CNN")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
+    parser.add_argument("--backend", default="auto", choices=["auto", "onnx", "openvino", "torch"],
                         help="auto: onnx on cpu, torch (fp16) on cuda, as the service picks")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=15)
@@ -209,9 +209,10 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="reid-bench-"))
     checkpoint = args.checkpoint or make_checkpoint(tmp / "hacnn.safetensors")
-    from service.embedder import resolve_backend
+    from service.embedder import load_embedder
 
-    args.backend = resolve_backend(args.backend, args.device)
+    # The backend auto picks here (its check measured once, cached in the probe's data dir).
+    args.backend = load_embedder(checkpoint, device=args.device, backend=args.backend, data_dir=tmp / "probe").backend
     settings = dict(device=args.device, backend=args.backend, max_batch_size=args.max_batch_size, max_batch_wait_ms=args.max_batch_wait_ms,
                     log_level="warning", index=args.index)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",

@@ -17,10 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.embedder import Embedder
+if TYPE_CHECKING:
+    from service.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,12 @@ def side_by_side(embed: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, 
     return time.perf_counter() - started
 
 
+def images_per_second(embed: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, workers: int) -> float:
+    """Images/s of ``workers`` passes over ``pixels`` side by side, the best of ROUNDS."""
+    best = min(side_by_side(embed, pixels, workers) for _ in range(ROUNDS))
+    return workers * len(pixels) / best
+
+
 def candidate_batches(max_batch: int) -> list[int]:
     return sorted({max(1, max_batch // 4), max(1, max_batch // 2), max_batch})
 
@@ -57,8 +65,7 @@ def calibrate(embedder: Embedder, max_batch: int) -> Calibration:
     side_by_side(embedder.embed, pixels, workers)  # warm-up at the largest batch
     rates = {}
     for batch in candidate_batches(max_batch):
-        best = min(side_by_side(embedder.embed, pixels[:batch], workers) for _ in range(ROUNDS))
-        rates[batch] = workers * batch / best
+        rates[batch] = images_per_second(embedder.embed, pixels[:batch], workers)
     fastest = max(rates.values())
     batch = min(b for b, rate in rates.items() if rate >= NEAR_BEST * fastest)
     log.info("model: %s images/s by batch size; batches of up to %d (REID_MAX_BATCH_SIZE %d)",

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--database-url", help="postgresql://user@host:port/db: the gallery in PostgreSQL, shared by"
                         " replicas (env REID_DATABASE_URL; default: SQLite under the data dir)")
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], help="env REID_DEVICE (default auto)")
-    common.add_argument("--backend", choices=["auto", "torch", "onnx"], help="env REID_BACKEND (default auto)")
+    common.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino"], help="env REID_BACKEND (default auto)")
+    common.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="env REID_PRECISION (default auto)")
     common.add_argument("--log-level", help="env REID_LOG_LEVEL (default info)")
     common.add_argument("--log-format", choices=["text", "json"], help="env REID_LOG_FORMAT (default text)")
 
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = ("checkpoint", "data_dir", "database_url", "device", "backend", "log_level", "log_format", "host", "port")
+    names = ("checkpoint", "data_dir", "database_url", "device", "backend", "precision", "log_level", "log_format", "host", "port")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
         return Settings(**overrides)
@@ -76,13 +77,17 @@ def serve(settings: Settings) -> None:
     import torch
 
     from models import load_checkpoint
-    from service.embedder import resolve_backend, resolve_device
+    from models.hardware import cpu_info
+    from service.backend_choice import candidates
+    from service.embedder import resolve_device
 
     if settings.checkpoint is None:
         raise CliError("no checkpoint given: pass --checkpoint FILE or set REID_CHECKPOINT")
     # Fail fast, before binding the port: the app loads the model again in the background.
     load_checkpoint(settings.checkpoint)
-    resolve_backend(settings.backend, resolve_device(settings.device, torch.cuda.is_available()))
+    device = resolve_device(settings.device, torch.cuda.is_available())
+    candidates(settings.backend, settings.precision, device, cpu_info(),
+               cuda_bf16=device == "cuda" and torch.cuda.is_bf16_supported())
     from service.app import create_app
     from service.drain import DrainingServer
 

@@ -8,6 +8,10 @@ from http import HTTPStatus
 from fastapi.responses import JSONResponse
 
 
+class StartupError(RuntimeError):
+    """The service cannot start as configured; the message is one line for the operator."""
+
+
 class ClientError(Exception):
     """An answer other than success: ``detail`` says what happened, ``kind`` is the body's
     ``code`` and labels reid_errors_total; ``headers`` go out with it (Retry-After)."""

@@ -49,7 +49,18 @@ class Metrics:
             "after being lost", registry=r,
         )
         self.errors = Counter("reid_errors", "Requests refused or failed, by kind", ["kind"], registry=r)
-        self.model_info = Info("reid_model", "The model being served", registry=r)
+        self.model_info = Info("reid_model", "The model being served: arch, fingerprint, backend, precision, device", registry=r)
+        self.backend_min_cosine = Gauge(
+            "reid_backend_min_cosine", "Accuracy check of the backend serving: smallest cosine between its embeddings "
+            "of the calibration batch and the fp32 reference's (1 when fp32 serves unchecked)", registry=r,
+        )
+        self.backend_required_cosine = Gauge(
+            "reid_backend_required_min_cosine", "The accuracy check's tolerance (REID_MIN_COSINE)", registry=r,
+        )
+        self.backend_images_per_second = Gauge(
+            "reid_backend_images_per_second", "Images/s of a backend and precision on the calibration batch at start "
+            "(every candidate measured, the chosen one included)", ["backend", "precision"], registry=r,
+        )
         # Admission control, deadlines and shutdown (service/admission.py, service/drain.py).
         self.requests_shed = Counter(
             "reid_requests_shed", "Requests refused with 503 before any work: reason overloaded or shutting_down",
@@ -75,6 +86,16 @@ class Metrics:
             self.stage_duration.labels(stage)
         for reason in ("overloaded", "shutting_down"):
             self.requests_shed.labels(reason)
+
+    def observe_model(self, embedder) -> None:
+        info, check = embedder.info, embedder.check
+        self.model_info.info({"arch": info.arch, "fingerprint": info.fingerprint, "backend": embedder.backend,
+                              "precision": embedder.precision, "device": embedder.device})
+        self.backend_min_cosine.set(check.chosen.min_cosine if check else 1.0)
+        if check:
+            self.backend_required_cosine.set(check.required_min_cosine)
+            for trial in check.trials:
+                self.backend_images_per_second.labels(trial.backend, trial.precision).set(trial.images_per_s)
 
     def observe_gallery(self, stats) -> None:
         """Gallery.on_change: the gauges follow every applied change, whoever made it."""

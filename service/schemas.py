@@ -135,6 +135,22 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class BackendTrial(BaseModel):
+    backend: str
+    precision: str
+    min_cosine: float = Field(description="smallest cosine between its embeddings and the fp32 reference's")
+    images_per_s: float = Field(description="measured on the calibration batch at start")
+
+
+class BackendCheck(BaseModel):
+    """How the backend and precision were chosen: every candidate measured on a fixed calibration batch."""
+
+    min_cosine: float = Field(description="the serving backend's smallest cosine to the fp32 reference")
+    required_min_cosine: float = Field(description="the tolerance (REID_MIN_COSINE); candidates below it never serve")
+    from_cache: bool = Field(description="measured at an earlier start on this machine with this checkpoint")
+    trials: list[BackendTrial]
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "starting", "failed", "stopping"]
     detail: str | None = None
@@ -142,6 +158,10 @@ class Readiness(BaseModel):
     arch: str | None = None
     fingerprint: str | None = None
     backend: str | None = None
+    precision: str | None = None
+    backend_check: BackendCheck | None = Field(
+        None, description="the accuracy and speed check behind the backend; null when one fp32 backend was asked for"
+    )
     device: str | None = None
     gallery_size: int | None = None
     identities: int | None = None

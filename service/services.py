@@ -92,8 +92,8 @@ def load_model(settings: Settings) -> Embedder:
     if settings.checkpoint is None:
         raise StartupError("no checkpoint given: pass --checkpoint FILE or set REID_CHECKPOINT")
     return load_embedder(
-        settings.checkpoint, device=settings.device, backend=settings.backend,
-        data_dir=settings.data_dir, workers=settings.model_workers, threads=settings.threads,
+        settings.checkpoint, device=settings.device, backend=settings.backend, precision=settings.precision,
+        min_cosine=settings.min_cosine, data_dir=settings.data_dir, workers=settings.model_workers, threads=settings.threads,
     )
 
 
@@ -139,9 +139,7 @@ def build_services(settings: Settings, metrics: Metrics, status: StartupStatus |
     status = status or StartupStatus()
     embedder = load_model(settings)
     info = embedder.info
-    metrics.model_info.info(
-        {"arch": info.arch, "fingerprint": info.fingerprint, "backend": embedder.backend, "device": embedder.device}
-    )
+    metrics.observe_model(embedder)
     status.detail = f"opening the gallery store {store_name(settings)}"
     gallery = open_gallery_when_reachable(settings, info.fingerprint, info.embedding_dim, metrics, status)
     metrics.observe_gallery(gallery.stats)

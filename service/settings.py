@@ -27,7 +27,19 @@ class Settings(BaseSettings):
         5.0, gt=0, le=600, description="longest a request waits for a PostgreSQL connection before answering 503"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
-    backend: Literal["auto", "torch", "onnx"] = Field("auto", description="auto: onnx on CPU, torch on CUDA")
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto", description="auto: on CPU the fastest of OpenVINO and ONNX Runtime that passes the accuracy check "
+        "(measured at the first start, cached per checkpoint and machine); torch on CUDA",
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: the fastest precision this hardware runs natively that passes the accuracy check "
+        "(CPU: bf16 where the CPU has avx512_bf16 or AMX, else fp32; CUDA: fp16 or fp32); bf16 on a CPU without "
+        "native bf16 is refused",
+    )
+    min_cosine: float = Field(
+        0.999, gt=0, le=1, description="accuracy check: a backend or precision serves only if its embeddings of a "
+        "fixed calibration batch all have at least this cosine to the fp32 torch reference",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="most images per forward pass")
     max_batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="longest a batch waits for images other requests are still decoding"

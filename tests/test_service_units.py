@@ -15,7 +15,9 @@ from models import embed, load_checkpoint
 from models.preprocess import resize_normalize, resize_pixels
 from service.batcher import Batcher
 from service.cache import EmbeddingCache
-from service.embedder import StartupError, load_embedder, plan_parallelism, resolve_backend, resolve_device
+from models.hardware import CpuInfo
+from service.backend_choice import Candidate, candidates
+from service.embedder import StartupError, load_embedder, plan_parallelism, resolve_device
 from service.errors import ClientError
 from service.imaging import decode_image, header_pixels
 from service.schemas import validate_identity
@@ -53,12 +55,20 @@ def test_parallelism_plan():
     assert plan_parallelism("onnx", "cpu", 3, 2, cores=4) == (3, 2)
 
 
-def test_backend_auto_is_onnx_on_cpu_and_torch_on_cuda():
-    assert resolve_backend("auto", "cpu") == "onnx"
-    assert resolve_backend("auto", "cuda") == "torch"
-    assert resolve_backend("torch", "cpu") == "torch"
-    with pytest.raises(StartupError, match="onnx"):
-        resolve_backend("onnx", "cuda")
+def test_backend_candidates_follow_the_settings_and_the_hardware():
+    avx2 = CpuInfo("AMD EPYC", frozenset({"avx2"}))
+    bf16 = CpuInfo("AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    # auto on CPU: OpenVINO and ONNX Runtime compete; bf16 only where the CPU has it natively.
+    assert candidates("auto", "auto", "cpu", avx2) == [Candidate("openvino", "fp32"), Candidate("onnx", "fp32")]
+    assert candidates("auto", "auto", "cpu", bf16)[0] == Candidate("openvino", "bf16")
+    assert candidates("auto", "auto", "cuda", avx2) == [Candidate("torch", "fp16"), Candidate("torch", "fp32")]
+    assert candidates("torch", "auto", "cpu", bf16) == [Candidate("torch", "fp32")]
+    with pytest.raises(StartupError, match="no native bf16"):
+        candidates("openvino", "bf16", "cpu", avx2)
+    with pytest.raises(StartupError, match="CPU only"):
+        candidates("onnx", "auto", "cuda", avx2)
+    with pytest.raises(StartupError, match="bf16 needs backend openvino"):
+        candidates("onnx", "bf16", "cpu", bf16)
 
 
 def test_onnx_and_torch_backends_agree(tmp_path, trained_like):
