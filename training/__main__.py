@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated training seeds (default: the config's)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants")
     p.add_argument("--device", default="auto")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the refinement of every finished run again from its saved state (after a change to it)")
     p.add_argument("--quiet", action="store_true")
     return parser
 
@@ -443,6 +445,8 @@ def cmd_ablate(args) -> int:
     config = ablation.CONFIGS[args.config]
     ablation.select_variants(config, args.only)  # an unknown name fails before any rendering
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    if args.rescore:
+        ablation.rescore_refinement(args.out, config, device=args.device, say=say)
     records = ablation.run_ablation(args.out, config, seeds, args.only, device=args.device, progress=not args.quiet, say=say)
     variants = ablation.select_variants(config, args.only)
     starts = dict.fromkeys(ablation.untrained_name(v.arch) for v in variants)

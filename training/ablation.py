@@ -198,6 +198,23 @@ def untrained_one(recipe: recipes.Recipe, data: ReIDData, device: str) -> dict:
             "of_curve": [], "train_time_s": 0.0, "refinement": None, "wall_s": round(time.time() - t0, 1)}
 
 
+def rescore_refinement(out: str | Path, config: AblationConfig, device: str = "cpu", say=print) -> None:
+    """Recompute the refinement figures of every finished training run from its saved state."""
+    out = Path(out)
+    path = out / "results.jsonl"
+    records = read_results(path)
+    data = ensure_data(out, config, progress=False)
+    for r in records:
+        if r["config"] == config.name and r.get("refinement") is not None:
+            recipe = variant_recipe(config, VARIANTS_BY_NAME[r["variant"]], int(r["seed"]))
+            state = out / "runs" / r["variant"] / f"seed{r['seed']}" / "model.train-state.pt"
+            r["refinement"] = _refinement(recipe, data, str(state), device)
+            say(f"rescored {r['variant']} seed {r['seed']}: refined mAP {r['refinement']['refined']['mAP']:.3f}")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
 def run_ablation(
     out: str | Path, config: AblationConfig, seeds: list[int] | None = None, only: list[str] | None = None,
     device: str = "cpu", progress: bool = True, say=print,
