@@ -29,7 +29,7 @@ MODELS = {"hacnn": ({}, (160, 64)), "resnet50": ({"last_stride": 1}, (256, 128))
 
 
 def candidates(has_bf16: bool) -> list[tuple[str, str]]:
-    return [("torch", "fp32"), ("onnx", "fp32"), ("openvino", "fp32"), *([("openvino", "bf16")] if has_bf16 else [])]
+    return [("onnx", "fp32"), ("torch", "fp32"), ("openvino", "fp32"), *([("openvino", "bf16")] if has_bf16 else [])]
 
 
 def backend(name: str, precision: str, model, info, data_dir: Path, threads: int):
