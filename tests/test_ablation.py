@@ -18,7 +18,7 @@ def test_smoke_ablation_runs_end_to_end_and_resumes(tmp_path, capsys):
     # The untrained start is the same network the trained runs begin from, scored before any step.
     assert start["recipe"]["model_config"] == plain["recipe"]["model_config"] and start["refinement"] is None
     assert plain["recipe"]["mgat"] is False and mgat["recipe"]["mgat"] is True
-    assert set(mgat["refinement"]) == set(plain["refinement"]) == {"cnn", "refined", "refined_whole_gallery", "gallery_mse"}
+    assert set(mgat["refinement"]) == set(plain["refinement"]) == {"cnn", "refined", "refined_in_groups", "gallery_mse"}
     # The CNN side of the refinement measurement scores the same final network as the run's own evaluation.
     assert mgat["refinement"]["cnn"]["mAP"] == pytest.approx(mgat["final"]["mAP"], abs=1e-6)
     assert mgat["of_curve"] and mgat["curve"][-1][0] == 1
