@@ -1,10 +1,11 @@
 """Training images/s on this CPU: fp32 vs bf16 autocast, each with and without channels-last.
 
     flock /tmp/reid-cpu.lock python bench/bench_training.py [--archs hacnn resnet50] [--batch 32] [--steps 2]
+                                                            [--input-size H W]
 
 Each configuration runs full training steps (forward with the recipe's losses, backward,
 Adam step) of the recipe's network at its input size (HA-CNN 160x64, ResNet-50 256x128, last
-stride 1) on random images: one untimed step, then ``--steps`` timed ones. bf16 is forced
+stride 1; ``--input-size`` for another size) on random images: one untimed step, then ``--steps`` timed ones. bf16 is forced
 even where the CPU has no native bf16 (it runs emulated there), so that the table shows
 what ``--precision bf16`` would cost. Prints one line per configuration and a markdown table.
 """
@@ -24,13 +25,16 @@ from models import list_models
 from models.hardware import cpu_info
 from training.engine import TrainingNet, build_network, make_optimizer
 from training.precision import autocast
-from training.recipes import recipe_for
+from training.recipes import override, recipe_for
 
 CLASSES = 60
 
 
-def images_per_s(arch: str, precision: str, channels_last: bool, batch: int, steps: int) -> float:
+def images_per_s(arch: str, precision: str, channels_last: bool, batch: int, steps: int,
+                 input_size: tuple[int, int] | None = None) -> float:
     recipe = recipe_for(arch)
+    if input_size is not None:
+        recipe = override(recipe, input_size=input_size)
     torch.manual_seed(0)
     net = TrainingNet(build_network(recipe, CLASSES), recipe, CLASSES).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -59,6 +63,7 @@ def main(argv=None) -> None:
     p.add_argument("--archs", nargs="+", default=list_models(), choices=list_models())
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="instead of each recipe's own")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*bf16.*")
     print(f"CPU: {cpu_info().summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -67,12 +72,12 @@ def main(argv=None) -> None:
     for arch in args.archs:
         for precision in ("fp32", "bf16"):
             for channels_last in (False, True):
-                ips = images_per_s(arch, precision, channels_last, args.batch, args.steps)
+                ips = images_per_s(arch, precision, channels_last, args.batch, args.steps, args.input_size)
                 rows.append((arch, precision, channels_last, ips))
                 print(f"{arch} {precision} channels_last={channels_last}: {ips:.1f} img/s", flush=True)
     print("\n| network (input) | fp32 | fp32 channels-last | bf16 | bf16 channels-last |\n|---|---|---|---|---|")
     for arch in args.archs:
-        size = "x".join(map(str, recipe_for(arch).input_size))
+        size = "x".join(map(str, args.input_size or recipe_for(arch).input_size))
         got = {(r[1], r[2]): r[3] for r in rows if r[0] == arch}
         base = got[("fp32", False)]
         cells = [f"{got[k]:.1f} ({got[k] / base:.2f}x)" for k in [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]]

@@ -4,13 +4,14 @@ import json
 
 import pytest
 
+from models.hardware import cpu_info
 from training import ablation
 from training.__main__ import main
 
 
 def test_smoke_ablation_runs_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "abl"
-    assert main(["ablate", "--out", str(out), "--config", "smoke", "--device", "cpu", "--quiet"]) == 0
+    assert main(["ablate", "--out", str(out), "--config", "smoke", "--device", "cpu", "--precision", "fp32", "--quiet"]) == 0
     table = capsys.readouterr().out
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["seed"]) for r in records] == [("untrained-hacnn", 0), ("hacnn", 0), ("hacnn-mgat", 0)]
@@ -22,9 +23,12 @@ def test_smoke_ablation_runs_end_to_end_and_resumes(tmp_path, capsys):
     # The CNN side of the refinement measurement scores the same final network as the run's own evaluation.
     assert mgat["refinement"]["cnn"]["mAP"] == pytest.approx(mgat["final"]["mAP"], abs=1e-6)
     assert mgat["of_curve"] and mgat["curve"][-1][0] == 1
-    assert "| hacnn-mgat | 0 |" in table and "| untrained-hacnn | 0 |" in table
-    assert (out / "summary.md").read_text().count("| hacnn") == 2
-    assert (out / "curves-smoke.png").stat().st_size > 0
+    # Every record says where and in which number format it ran; the table shows the format.
+    assert {(r["cpu"], r["precision"]) for r in records} == {(cpu_info().summary(), "fp32")}
+    assert "| hacnn-mgat | 0 | fp32 |" in table and "| untrained-hacnn | 0 | fp32 |" in table
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| hacnn") == 2 and f"Ran on: {cpu_info().summary()}" in summary
+    assert (out / "curves-smoke.png").stat().st_size > 0 and (out / "of-curves-smoke.png").stat().st_size > 0
 
     # A second call finds both runs finished and trains nothing.
     assert main(["ablate", "--out", str(out), "--config", "smoke", "--device", "cpu", "--quiet"]) == 0

@@ -13,6 +13,7 @@ from models.checkpoint import read_checkpoint_info
 from training.__main__ import build_parser, main
 from models.hardware import cpu_info
 from models.zoo import list_models
+from training.ablation import CONFIGS as ABLATION_CONFIGS
 from training.engine import read_state, side_paths
 from training.precision import resolve_precision
 from training.recipes import RECIPES
@@ -185,6 +186,7 @@ def test_arch_and_recipe_choices_are_the_registries():
     assert _choices("train", "--arch") == list_models() == _choices("init", "--arch")
     assert _choices("train", "--recipe") == list(RECIPES)
     assert "hacnn-mgat" in _choices("train", "--recipe")
+    assert _choices("ablate", "--config") == list(ABLATION_CONFIGS)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from models.zoo import list_models
+from training.ablation import CONFIGS as ABLATION_CONFIGS
 from training.calibration import DEFAULT_FAR
 from training.precision import PRECISIONS
 from training.recipes import RECIPES
@@ -147,10 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate", help="the MGAT ablation: variants x seeds on one synthetic set (resumable)")
     p.add_argument("--out", required=True, help="folder: data, runs, results.jsonl, summary.md, curves PNG")
-    p.add_argument("--config", choices=["smoke", "full"], default="full")
+    p.add_argument("--config", choices=list(ABLATION_CONFIGS), default="full")
     p.add_argument("--seeds", help="comma-separated training seeds (default: the config's)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="training number format (auto: bf16 where the CPU or GPU has it natively)")
     p.add_argument("--rescore", action="store_true",
                    help="score the refinement of every finished run again from its saved state (after a change to it)")
     p.add_argument("--quiet", action="store_true")
@@ -447,12 +450,14 @@ def cmd_ablate(args) -> int:
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     if args.rescore:
         ablation.rescore_refinement(args.out, config, device=args.device, say=say)
-    records = ablation.run_ablation(args.out, config, seeds, args.only, device=args.device, progress=not args.quiet, say=say)
+    records = ablation.run_ablation(
+        args.out, config, seeds, args.only, device=args.device, progress=not args.quiet, say=say, precision=args.precision,
+    )
     variants = ablation.select_variants(config, args.only)
     starts = dict.fromkeys(ablation.untrained_name(v.arch) for v in variants)
     order = [*starts, *(v.name for v in variants)]
-    table, md, png = ablation.write_summary(args.out, config, records, order)
-    print(f"wrote {md} and {png}", file=sys.stderr)
+    table, files = ablation.write_summary(args.out, config, records, order)
+    print(f"wrote {', '.join(map(str, files))}", file=sys.stderr)
     print(table, end="")
     return 0
 

@@ -1,12 +1,13 @@
 """The MGAT ablation: declared variants x seeds, same budget, one synthetic set, resumable.
 
-    python -m training ablate --out DIR [--config smoke|full] [--seeds 0,1,2] [--only NAME ...]
+    python -m training ablate --out DIR [--config smoke|full] [--seeds 0,1,2] [--only NAME ...] [--precision auto]
 
 DIR/data-<config>/         the synthetic set (training.synth, fixed seed), rendered once
 DIR/runs/<variant>/seed<s>/ each run's checkpoint, train state and log (engine.train)
 DIR/results.jsonl          one line per finished run; a rerun skips the (config, variant, seed)
                            already there, so an interrupted ablation resumes
-DIR/summary.md, DIR/curves-<config>.png   the table and the learning curves
+DIR/summary.md, DIR/curves-<config>.png   the table and the learning curves (held-out mAP)
+DIR/of-curves-<config>.png                the OF loss MSE(X, X') per epoch of the MGAT variants
 
 Every run is scored at its last epoch (not its best one: picking the best epoch by test mAP
 would select on the test set). Every run is also scored with an MGAT-refined gallery
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from models import IMAGENET_MEAN, IMAGENET_STD
+from models.hardware import cpu_info
 from training import engine, recipes
 from training.data import ReIDData, load_reid_data
 from training.embeddings import evaluate_model
@@ -56,6 +58,8 @@ VARIANTS = (
     Variant("hacnn-mgat-fixed-w", "hacnn", True, {"mgat_learnable_w": False}),
     Variant("resnet50", "resnet50", False),
     Variant("resnet50-mgat", "resnet50", True),
+    # The OF loss's control on the network that learns: does the CNN approach X' without it?
+    Variant("resnet50-mgat-of0", "resnet50", True, {"of_weight": 0.0}),
 )
 VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -97,16 +101,25 @@ _FULL = {
         "pad": 4,
         **_FULL_SCHEDULE,
     },
-    "resnet50": {"model_config": {"last_stride": 1}, "input_size": (64, 32), "epochs": 8, "pad": 4, **_FULL_SCHEDULE},
+    # At 64x32 for 8 epochs ResNet-50 from scratch barely left its start (mAP 0.06 -> 0.10); at the
+    # synthetic crops' own 128x64 a baseline pilot reached 0.36 after 8 epochs and 0.71 after 24.
+    "resnet50": {
+        "model_config": {"last_stride": 1},
+        "input_size": (128, 64),
+        "epochs": 24,
+        "pad": 4,
+        **_FULL_SCHEDULE,
+        "eval_every": 4,
+    },
 }
 
 CONFIGS = {
     "smoke": AblationConfig("smoke", 8, 3, 0, (0,), ("hacnn", "hacnn-mgat"), {"hacnn": _SMOKE_HACNN}),
     # One step away from MGAT's defaults per knob (the rest of the grid: `--only NAME`), so that
-    # every variant gets 3 seeds within ~45 minutes of this 2-core CPU.
+    # every variant gets 3 seeds: about 2 hours on 2 cores with AMX (bf16), 20 min of it HA-CNN.
     "full": AblationConfig("full", 200, 6, 0, (0, 1, 2), (
         "hacnn", "hacnn-mgat", "hacnn-mgat-gamma2", "hacnn-mgat-of0", "hacnn-mgat-undetached",
-        "hacnn-mgat-fixed-w", "resnet50", "resnet50-mgat"), _FULL),
+        "hacnn-mgat-fixed-w", "resnet50", "resnet50-mgat", "resnet50-mgat-of0"), _FULL),
 }
 
 
@@ -148,17 +161,18 @@ def run_key(record: dict) -> tuple[str, str, int]:
     return record["config"], record["variant"], int(record["seed"])
 
 
-def train_one(recipe: recipes.Recipe, data: ReIDData, run_dir: Path, device: str) -> dict:
+def train_one(recipe: recipes.Recipe, data: ReIDData, run_dir: Path, device: str, precision: str = "auto") -> dict:
     """Train one variant/seed from scratch and return its result record (without config/variant)."""
     if run_dir.exists():  # an interrupted run: start it again
         shutil.rmtree(run_dir)
     t0 = time.time()
-    opts = engine.RunOptions(out=str(run_dir / "model.safetensors"), device=device, progress=False)
+    opts = engine.RunOptions(out=str(run_dir / "model.safetensors"), device=device, precision=precision, progress=False)
     summary = engine.train(recipe, data, opts)
     log = [json.loads(line) for line in Path(summary["log"]).read_text().splitlines()]
     record = {
         "seed": recipe.seed,
         "recipe": recipe.to_dict(),
+        **machine_fields(summary["precision"]),
         "final": summary["last"],
         "curve": [[r["epoch"], r["eval"]["mAP"]] for r in log if "eval" in r],
         "of_curve": [[r["epoch"], r["of"]] for r in log if "of" in r],
@@ -183,6 +197,11 @@ def _refinement(recipe: recipes.Recipe, data: ReIDData, state_path: str, device:
     return refinement_metrics(net.model, recipe.mgat_gamma, weight, data, IMAGENET_MEAN, IMAGENET_STD, dev)
 
 
+def machine_fields(precision: str) -> dict:
+    """Where a run ran: the processor (model and matrix flags) and the training number format."""
+    return {"cpu": cpu_info().summary(), "precision": precision}
+
+
 def untrained_name(arch: str) -> str:
     return f"untrained-{arch}"
 
@@ -194,7 +213,7 @@ def untrained_one(recipe: recipes.Recipe, data: ReIDData, device: str) -> dict:
     torch.manual_seed(recipe.seed)  # as engine.train seeds the initial weights
     model = engine.build_network(recipe, data.num_train_ids).to(engine.resolve_device(device))
     metrics, _ = evaluate_model(model, data, IMAGENET_MEAN, IMAGENET_STD, engine.resolve_device(device))
-    return {"seed": recipe.seed, "recipe": recipe.to_dict(), "final": metrics, "curve": [[0, metrics["mAP"]]],
+    return {"seed": recipe.seed, "recipe": recipe.to_dict(), **machine_fields("fp32"), "final": metrics, "curve": [[0, metrics["mAP"]]],
             "of_curve": [], "train_time_s": 0.0, "refinement": None, "wall_s": round(time.time() - t0, 1)}
 
 
@@ -217,7 +236,7 @@ def rescore_refinement(out: str | Path, config: AblationConfig, device: str = "c
 
 def run_ablation(
     out: str | Path, config: AblationConfig, seeds: list[int] | None = None, only: list[str] | None = None,
-    device: str = "cpu", progress: bool = True, say=print,
+    device: str = "cpu", progress: bool = True, say=print, precision: str = "auto",
 ) -> list[dict]:
     """Train every (variant, seed) not yet in DIR/results.jsonl; returns this config's records."""
     out = Path(out)
@@ -240,7 +259,7 @@ def run_ablation(
         if variant.name.startswith("untrained-"):
             result = untrained_one(recipe, data, device)
         else:
-            result = train_one(recipe, data, out / "runs" / variant.name / f"seed{seed}", device)
+            result = train_one(recipe, data, out / "runs" / variant.name / f"seed{seed}", device, precision)
         record = {"config": config.name, "variant": variant.name, **result}
         with open(results_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -263,7 +282,8 @@ def summarize(records: list[dict], order: list[str]) -> list[dict]:
         runs = [r for r in records if r["variant"] == name]
         if not runs:
             continue
-        row = {"variant": name, "seeds": sorted(int(r["seed"]) for r in runs)}
+        row = {"variant": name, "seeds": sorted(int(r["seed"]) for r in runs),
+               "precision": ",".join(sorted({r.get("precision", "?") for r in runs}))}
         for m in METRICS:
             row[m] = mean_std([r["final"][m] for r in runs])
         refined = [r["refinement"] for r in runs if r.get("refinement")]
@@ -282,44 +302,52 @@ def _pm(ms: tuple[float, float] | None, digits: int = 3) -> str:
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    head = ("| variant | seeds | rank-1 | mAP | mINP | CNN mAP (final net) | refined-gallery mAP | "
+    head = ("| variant | seeds | precision | rank-1 | mAP | mINP | CNN mAP (final net) | refined-gallery mAP | "
             "gallery MSE(X, X') | last-epoch OF loss | wall s/run |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_pm(r['rank1'])} | {_pm(r['mAP'])} | "
+            f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {r['precision']} | {_pm(r['rank1'])} | {_pm(r['mAP'])} | "
             f"{_pm(r['mINP'])} | {_pm(r.get('cnn_mAP'))} | {_pm(r.get('refined_mAP'))} | "
             f"{_pm(r.get('gallery_mse'), 4)} | {_pm(r['of_last'], 4)} | {r['wall_s'][0]:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def mean_curves(records: list[dict], order: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """Per variant: (epoch, mAP averaged over the seeds evaluated at that epoch)."""
+def mean_curves(records: list[dict], order: list[str], key: str = "curve") -> dict[str, list[tuple[int, float]]]:
+    """Per variant: (epoch, value averaged over the seeds recorded at that epoch) of one of the
+    records' per-epoch series: ``curve`` (held-out mAP) or ``of_curve`` (the OF loss)."""
     curves = {}
     for name in order:
         by_epoch: dict[int, list[float]] = {}
         for r in records:
             if r["variant"] == name:
-                for epoch, value in r["curve"]:
+                for epoch, value in r[key]:
                     by_epoch.setdefault(int(epoch), []).append(float(value))
         if by_epoch:
             curves[name] = [(e, float(np.mean(v))) for e, v in sorted(by_epoch.items())]
     return curves
 
 
-def write_summary(out: str | Path, config: AblationConfig, records: list[dict], order: list[str]) -> tuple[str, Path, Path]:
-    """(markdown table, DIR/summary.md, DIR/curves-<config>.png)."""
+def write_summary(out: str | Path, config: AblationConfig, records: list[dict], order: list[str]) -> tuple[str, list[Path]]:
+    """The markdown table, and the files: DIR/summary.md, DIR/curves-<config>.png (held-out mAP)
+    and DIR/of-curves-<config>.png (the OF loss, MSE(X, X'), of the MGAT variants)."""
     from training.visualize import write_line_plot
 
     out = Path(out)
     table = summary_markdown(summarize(records, order))
     md = out / "summary.md"
-    md.write_text(f"# MGAT ablation, config {config.name}\n\n{table}")
+    cpus = sorted({r.get("cpu", "unknown CPU") for r in records})
+    md.write_text(f"# MGAT ablation, config {config.name}\n\nRan on: {'; '.join(cpus)}\n\n{table}")
     trained = [name for name in order if not name.startswith("untrained-")]  # one point, no curve
-    png = write_line_plot(
+    curves = write_line_plot(
         mean_curves(records, trained), out / f"curves-{config.name}.png",
         title=f"MGAT ablation ({config.name}): held-out mAP per evaluated epoch, mean over seeds",
         x_label="epoch", y_label="mAP",
     )
-    return table, md, png
+    of_curves = write_line_plot(
+        mean_curves(records, trained, key="of_curve"), out / f"of-curves-{config.name}.png",
+        title=f"MGAT ablation ({config.name}): OF loss MSE(X, X') per training epoch, mean over seeds",
+        x_label="epoch", y_label="OF loss",
+    )
+    return table, [md, curves, of_curves]
