@@ -161,7 +161,7 @@ def run_key(record: dict) -> tuple[str, str, int]:
     return record["config"], record["variant"], int(record["seed"])
 
 
-def train_one(recipe: recipes.Recipe, data: ReIDData, run_dir: Path, device: str, precision: str = "auto") -> dict:
+def train_one(recipe: recipes.Recipe, data: ReIDData, run_dir: Path, device: str, precision: str) -> dict:
     """Train one variant/seed from scratch and return its result record (without config/variant)."""
     if run_dir.exists():  # an interrupted run: start it again
         shutil.rmtree(run_dir)
