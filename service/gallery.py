@@ -99,7 +99,7 @@ class Gallery:
         self._apply_lock = threading.Lock()  # one applier at a time: the position moves in order
         self.snapshot_position: int | None = None  # log position of the last snapshot (None: none yet)
         self.snapshot_time = time.monotonic()
-        self._stats = self._compute_stats()
+        self._stats = self._index_stats(self._stale_entries())
         self.replayed_at_open = 0  # changes applied on top of the snapshot or build at start
 
     # -- opening -------------------------------------------------------------------------
@@ -171,20 +171,28 @@ class Gallery:
                 _apply(self._index, batch, self.fingerprint)
                 applied += batch.last_position - self._position  # positions are dense: one per change
                 self._position = batch.last_position
+                # Published with the index it describes: /readyz never reports an older position
+                # than searches already see (the stale count follows in _changed).
+                self._stats = self._index_stats(self._stats.stale_entries)
         if applied:
             self._changed()
         return applied
 
     def _changed(self) -> None:
-        self._stats = self._compute_stats()
-        if self._on_change is not None:
-            self._on_change(self._stats)
+        stale = self._stale_entries()  # a store query: outside the lock
+        with self._apply_lock:  # so that a slower caller cannot publish an older position last
+            self._stats = self._index_stats(stale)
+            if self._on_change is not None:  # gauges only: cheap enough to set under the lock
+                self._on_change(self._stats)
 
-    def _compute_stats(self) -> GalleryStats:
+    def _stale_entries(self) -> int:
+        return stale_count(self.store.counts_by_fingerprint(), self.fingerprint)
+
+    def _index_stats(self, stale_entries: int) -> GalleryStats:
+        """The stats of the index as it is now (the caller holds the applier lock, or is __init__)."""
         return GalleryStats(
             entries=len(self._index), identities=self._index.identity_count,
-            stale_entries=stale_count(self.store.counts_by_fingerprint(), self.fingerprint),
-            position=self._position, index_kind=self._index.spec.kind,
+            stale_entries=stale_entries, position=self._position, index_kind=self._index.spec.kind,
         )
 
     # -- writes --------------------------------------------------------------------------
@@ -308,6 +316,7 @@ class Gallery:
                 position = _apply_next(self.store, index, position, self.fingerprint)
             index.exact_vectors = self._exact_vectors
             self._index, self._position = index, position
+            self._stats = self._index_stats(self._stats.stale_entries)
         self.catch_up()
         self._changed()
         log.info("index rebuild done: %d entries (%s) in %.1f s", len(index), index.spec.factory,

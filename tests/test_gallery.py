@@ -282,6 +282,40 @@ def test_enrollment_is_searchable_when_it_returns_and_a_second_writer_is_followe
     assert (gallery.stats.entries, gallery.stats.identities, gallery.position) == (11, 4, other.head())
 
 
+class PausingStore(SQLiteStore):
+    """The real SQLite store whose stale-entry count can be held open, to look inside a catch-up."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.hold, self.inside, self.release = False, threading.Event(), threading.Event()
+
+    def counts_by_fingerprint(self):
+        if self.hold:
+            self.inside.set()
+            self.release.wait(10)
+        return super().counts_by_fingerprint()
+
+
+def test_stats_never_report_an_older_position_than_searches_see(tmp_path):
+    store = PausingStore(tmp_path / "g.sqlite3")
+    gallery = open_gallery(tmp_path, store=store)
+    rng = np.random.default_rng(7)
+    outside = unit(rng, 2)
+    other = SQLiteStore(tmp_path / "g.sqlite3")  # another writer: the gallery learns of it by catching up
+    other.add_entries("outside", [NewEntry(v) for v in outside], "fp")
+    store.hold = True
+    follower = threading.Thread(target=gallery.catch_up)
+    follower.start()
+    try:
+        assert store.inside.wait(10)  # the changes are applied; the store query after them is pending
+        assert gallery.search(outside[0], 1)[0].identity == "outside"
+        assert (gallery.stats.position, gallery.stats.entries) == (other.head(), 2)  # /readyz and metrics
+    finally:
+        store.release.set()
+        follower.join(10)
+    other.close()
+
+
 def test_concurrent_writers_and_followers_end_in_the_store_state(tmp_path, backend):
     gallery = open_gallery(tmp_path, backend=backend)
     rng = np.random.default_rng(6)
